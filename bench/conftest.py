@@ -1,0 +1,1 @@
+"""bench/ is collected only when asked for: `pytest bench --benchmark-only`."""

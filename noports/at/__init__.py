@@ -1,0 +1,1 @@
+"""The atProtocol: names, .atKeys files, crypto, the sans-IO wire codec and the async client."""

@@ -1,0 +1,1 @@
+"""Embedded root directory and atServer (SQLite store, TLS, local PKI)."""

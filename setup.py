@@ -1,0 +1,39 @@
+"""Build script: only the list of compiled data-plane extensions lives here.
+
+Every ``_speedups/<name>.pyx`` becomes ``noports._speedups.<name>``.  With
+``NOPORTS_NO_EXTENSIONS=1`` nothing is compiled and the pure twins are used at run time.
+Metadata, dependencies and entry points are in pyproject.toml.
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def _extensions():
+    if os.environ.get("NOPORTS_NO_EXTENSIONS", "").strip().lower() not in ("", "0", "false", "no"):
+        return []
+    sources = sorted((HERE / "_speedups").glob("*.pyx"))
+    if not sources:
+        return []
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    extensions = [
+        Extension(
+            f"noports._speedups.{src.stem}",
+            [str(src.relative_to(HERE))],
+            libraries=["crypto"] if "crypto" in src.read_text() else [],
+        )
+        for src in sources
+    ]
+    return cythonize(
+        extensions,
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+    )
+
+
+setup(ext_modules=_extensions())
