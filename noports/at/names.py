@@ -37,10 +37,15 @@ _PREFIX_KINDS = (("public:", "public"), ("private:", "private"),
 
 # ASCII punctuation allowed in entities besides word characters (at_commons key regex).
 _ENTITY_ASCII_EXTRA = frozenset(".-_'*\"")
-_ATSIGN_ASCII_EXTRA = frozenset("-_.")
+_ATSIGN_ASCII_EXTRA = frozenset("-_")
 
 _DEVICE_RE = re.compile(r"[a-z0-9_][a-z0-9_\-]{1,35}")
 _WHITESPACE_RUN = re.compile(r"\s+")
+
+
+def _show(text: str) -> str:
+    """repr of user text, cut short so that a huge bad input gives a readable message."""
+    return repr(text) if len(text) <= 80 else repr(text[:77]) + "..."
 
 
 def _char_problem(ch: str, ascii_extra: frozenset[str]) -> str | None:
@@ -74,14 +79,15 @@ def normalize_atsign(text: str) -> str:
     if body.startswith("@"):
         body = body[1:]
     if not body:
-        raise InvalidAtSignError(f"empty atSign: {text!r}")
+        raise InvalidAtSignError(f"empty atSign: {_show(text)}")
     if len(body) > MAX_ATSIGN_LENGTH:
         raise InvalidAtSignError(
-            f"atSign {text!r} is too long ({len(body)} characters; at most {MAX_ATSIGN_LENGTH})")
+            f"atSign {_show(text)} is too long: {len(body)} characters, "
+            f"at most {MAX_ATSIGN_LENGTH}")
     for ch in body:
         problem = _char_problem(ch, _ATSIGN_ASCII_EXTRA)
         if problem is not None:
-            raise InvalidAtSignError(f"atSign {text!r} may not contain {problem}")
+            raise InvalidAtSignError(f"atSign {_show(text)} may not contain {problem}")
     return "@" + body
 
 
@@ -91,7 +97,7 @@ def bare_atsign(text: str) -> str:
 
 
 def snakify_device(name: str) -> str:
-    """Lower-case and replace every run of whitespace with one ``_`` (Dart ``snakifyDeviceName``)."""
+    """Lower-case; every run of whitespace becomes one ``_`` (Dart ``snakifyDeviceName``)."""
     return _WHITESPACE_RUN.sub("_", name.lower())
 
 
@@ -107,20 +113,20 @@ def validate_device_name(name: str) -> str:
     return snake
 
 
-def _check_entity(entity: str, text: str) -> None:
+def _check_entity(entity: str) -> None:
     if not entity:
-        raise InvalidKeyError(f"atKey {text!r} has an empty name")
+        raise InvalidKeyError("the atKey's name is empty")
     for ch in entity:
         problem = _char_problem(ch, _ENTITY_ASCII_EXTRA)
         if problem is not None:
-            raise InvalidKeyError(f"atKey {text!r}: name {entity!r} may not contain {problem}")
+            raise InvalidKeyError(f"the atKey's name {entity!r} may not contain {problem}")
 
 
-def _owner(text: str, atsign: str, role: str) -> str:
+def _owner(atsign: str, role: str) -> str:
     try:
         return normalize_atsign(atsign)
     except InvalidAtSignError as exc:
-        raise InvalidKeyError(f"atKey {text!r}: bad {role}: {exc}") from None
+        raise InvalidKeyError(f"bad {role}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -138,27 +144,26 @@ class AtKey:
     cached: bool = False
 
     def __post_init__(self) -> None:
-        text = self.entity if isinstance(self.entity, str) else repr(self.entity)
         if not isinstance(self.entity, str):
             raise InvalidKeyError(f"atKey name must be a string, not {type(self.entity).__name__}")
         if self.kind not in KINDS:
             raise InvalidKeyError(f"unknown atKey kind {self.kind!r} (one of {', '.join(KINDS)})")
         entity = self.entity.lower()
-        _check_entity(entity, text)
-        owner = None if self.owner is None else _owner(text, self.owner, "owner")
+        _check_entity(entity)
+        owner = None if self.owner is None else _owner(self.owner, "owner")
         shared_with = (None if self.shared_with is None
-                       else _owner(text, self.shared_with, "sharedWith atSign"))
+                       else _owner(self.shared_with, "sharedWith atSign"))
         kind = self.kind
         if kind == "shared":
             if shared_with is None:
-                raise InvalidKeyError(f"shared atKey {text!r} needs a sharedWith atSign")
+                raise InvalidKeyError("a shared atKey needs a sharedWith atSign (@bob:name@alice)")
             if shared_with == owner:
                 # "@alice:x@alice" is alice's own self key.
                 kind, shared_with = "self", None
         elif shared_with is not None:
-            raise InvalidKeyError(f"a {kind} atKey cannot have sharedWith ({shared_with})")
+            raise InvalidKeyError(f"a {kind} atKey cannot have a sharedWith atSign ({shared_with})")
         if owner is None and kind != "privatekey":
-            raise InvalidKeyError(f"{kind} atKey {text!r} needs an owner atSign (name@owner)")
+            raise InvalidKeyError(f"a {kind} atKey needs an owner atSign (name@owner)")
         if self.cached and kind not in ("public", "shared"):
             raise InvalidKeyError(f"cached: applies only to public and shared atKeys, not {kind}")
         object.__setattr__(self, "entity", entity)
@@ -170,7 +175,7 @@ class AtKey:
         form = str(self)
         if len(form) > limit:
             raise InvalidKeyError(
-                f"atKey too long: {len(form)} characters (at most {limit}): {form[:40]}...")
+                f"atKey too long: {len(form)} characters, at most {limit}: {form[:40]}...")
 
     @property
     def namespace(self) -> str | None:
@@ -203,17 +208,21 @@ class AtKey:
             if rest.startswith("@"):
                 shared_with, colon, rest = rest.partition(":")
                 if not colon:
-                    raise InvalidKeyError(
-                        f"atKey {text!r} starts with an atSign but has no ':' (expected @bob:name@alice)")
+                    raise InvalidKeyError(f"atKey {_show(text)} starts with an atSign but has "
+                                          "no ':' (expected @bob:name@alice)")
                 kind = "shared"
         entity, at, owner = rest.partition("@")
         if not at:
             if kind != "privatekey":
-                raise InvalidKeyError(f"atKey {text!r} has no owner (expected name@owner)")
+                raise InvalidKeyError(f"atKey {_show(text)} has no owner (expected name@owner)")
             owner = None
         elif "@" in owner:
-            raise InvalidKeyError(f"atKey {text!r} has more than one '@' after its name")
-        return cls(entity=entity, owner=owner, kind=kind, shared_with=shared_with, cached=cached)
+            raise InvalidKeyError(f"atKey {_show(text)} has more than one '@' after its name")
+        try:
+            return cls(entity=entity, owner=owner, kind=kind, shared_with=shared_with,
+                       cached=cached)
+        except InvalidKeyError as exc:
+            raise InvalidKeyError(f"invalid atKey {_show(text)}: {exc}") from None
 
     def __str__(self) -> str:
         cached = "cached:" if self.cached else ""
