@@ -12,6 +12,9 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 
+#: Extra C libraries per compiled module (the AES pumps call OpenSSL's libcrypto in place).
+LIBRARIES: dict[str, list[str]] = {}
+
 
 def _extensions():
     if os.environ.get("NOPORTS_NO_EXTENSIONS", "").strip().lower() not in ("", "0", "false", "no"):
@@ -26,7 +29,7 @@ def _extensions():
         Extension(
             f"noports._speedups.{src.stem}",
             [str(src.relative_to(HERE))],
-            libraries=["crypto"] if "crypto" in src.read_text() else [],
+            libraries=LIBRARIES.get(src.stem, []),
         )
         for src in sources
     ]

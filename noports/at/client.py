@@ -19,9 +19,9 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import ssl
 import uuid
+import weakref
 from collections.abc import Callable
 
 from noports.at.atkeys import AtKeys
@@ -69,6 +69,7 @@ __all__ = [
     "AtSignNotFoundError",
     "AtTimeoutError",
     "Monitor",
+    "notify_line",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,16 @@ def _meta_iv(meta: dict | None) -> str | None:
 def _meta_text(meta: dict | None, name: str) -> str | None:
     value = (meta or {}).get(name)
     return value if isinstance(value, str) and value and value != "null" else None
+
+
+def notify_line(nid: str, operation: str, ttln: int | None, md: Metadata, key: AtKey,
+                value: str) -> str:
+    """``notify:id:<id>:<op>[:ttln:<ms>]<META>:@to:<name>@owner:<value>`` for a shared or self
+    key whose fields need no escaping check (see AtClient.notify)."""
+    ttln_part = "" if ttln is None else f":ttln:{ttln}"
+    to = key.shared_with or key.owner
+    return (f"notify:id:{nid}:{operation}{ttln_part}{md.encode()}"
+            f":{to}:{key.entity}{key.owner}:{value}")
 
 
 class AtClient:
@@ -139,7 +150,9 @@ class AtClient:
         self.shared_keys = SharedKeys(self)
         self._conn: AtConnection | None = None
         self._connect_lock = asyncio.Lock()
-        self._monitors: list[Monitor] = []
+        # Weak: a monitor the application closed and dropped is not kept alive by the client.
+        self._monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+        self._key_cache: dict[str, AtKey] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -156,7 +169,7 @@ class AtClient:
 
     async def close(self) -> None:
         """Close the main connection and every monitor started from this client."""
-        monitors, self._monitors = self._monitors, []
+        monitors, self._monitors = list(self._monitors), weakref.WeakSet()
         for mon in monitors:
             await mon.close()
         conn, self._conn = self._conn, None
@@ -246,12 +259,20 @@ class AtClient:
     def _key(self, key: AtKey | str) -> AtKey:
         if isinstance(key, AtKey):
             return key
+        hit = self._key_cache.get(key)
+        if hit is not None:
+            return hit
         try:
-            return AtKey.parse(key)
+            parsed = AtKey.parse(key)
         except InvalidKeyError:
             if "@" in key.rpartition(":")[2]:
                 raise
-            return AtKey.parse(key + self.atsign)   # "phone.wavi" -> "phone.wavi@me"
+            parsed = AtKey.parse(key + self.atsign)   # "phone.wavi" -> "phone.wavi@me"
+        # Apps send the same few key names over and over; parsing validates every character.
+        if len(self._key_cache) >= 1024:
+            self._key_cache.clear()
+        self._key_cache[key] = parsed
+        return parsed
 
     @staticmethod
     def _split(key: AtKey | str) -> tuple[str, str]:
@@ -331,9 +352,19 @@ class AtClient:
         elif value is not None and akey.kind != "public" and md.is_encrypted is None:
             md.is_encrypted = False   # the server assumes encrypted unless told otherwise
         nid = id or str(uuid.uuid4())
-        reply = await self.execute(Notify(akey, value, id=nid, operation=operation, ttln=ttln,
-                                          metadata=md, **options))
-        return reply
+        if (encrypt and value is not None and id is None and metadata is None and not options
+                and akey.kind in ("shared", "self") and operation in ("update", "delete")
+                and all(v is None or type(v) is int for v in (ttln, ttl, ttr))
+                and (ccd is None or type(ccd) is bool)):
+            # Hot path (every NoPorts message): every field is ours -- a fresh UUID, base64
+            # from the crypto module, ints, a validated AtKey -- so the line is built directly
+            # instead of paying encode_command's parse-back check (tens of microseconds).
+            # tests/unit/test_client_encoding.py holds it equal to encode_command.
+            line = notify_line(nid, operation, ttln, md, akey, value)
+        else:
+            line = Notify(akey, value, id=nid, operation=operation, ttln=ttln, metadata=md,
+                          **options)
+        return await self.execute(line)
 
     async def notify_status(self, notification_id: str) -> str | None:
         """``delivered``, ``queued``, ``errored``, ``expired`` or None (unknown id)."""
@@ -432,7 +463,7 @@ class AtClient:
         heartbeat_interval, heartbeat_timeout, replay_overlap_ms, seen_capacity,
         backoff_base, backoff_cap.  Closed with the client."""
         mon = Monitor(self, regex, **options)
-        self._monitors.append(mon)
+        self._monitors.add(mon)
         return mon
 
     async def decrypt_notification(self, payload: dict) -> AtNotification:
@@ -477,7 +508,3 @@ class AtClient:
         md = Metadata()
         return await self._encrypt_shared(normalize_atsign(recipient), value, md), md
 
-
-def default_ca_file() -> str | None:
-    """``$NOPORTS_CA_FILE`` or None (for CLIs' ``--ca-file`` default)."""
-    return os.environ.get("NOPORTS_CA_FILE") or None

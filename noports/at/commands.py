@@ -47,7 +47,8 @@ __all__ = [
     "encode_command", "parse_command",
 ]
 
-_INT = re.compile(r"-?[0-9]{1,18}")           # fits a Dart 64-bit int; no "_", no unicode digits
+_INT = re.compile(r"-?[0-9]{1,19}")           # ASCII only: int() would take "_" and other digits
+_INT64 = 2**63
 _WORD_ID = re.compile(r"[A-Za-z0-9_\-]+")      # notify/notify:remove ids (Dart [\w\d\-\_], ASCII)
 _STATS_IDS = re.compile(r"[1-9][0-9]*(,[0-9]+)*")
 _DATE = re.compile(r"[0-9]{4}-[01]?[0-9]?-[0123]?[0-9]?")
@@ -66,6 +67,8 @@ def _int(text: str, what: str, minimum: int | None = None) -> int:
     if not _INT.fullmatch(text):
         raise _syntax(f"{what} must be an integer, not {_show(text)}")
     value = int(text)
+    if not -_INT64 <= value < _INT64:                      # a Dart int is 64 bits
+        raise _syntax(f"{what} {text} is out of range")
     if minimum is not None and value < minimum:
         raise _syntax(f"{what} must be >= {minimum}, not {value}")
     return value

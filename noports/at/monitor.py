@@ -197,14 +197,23 @@ class Monitor:
         If the first attempt fails the monitor keeps retrying in the background; ``start`` waits
         up to ``timeout`` for success and then raises the last error.
         """
+        if self._fatal is not None:
+            raise self._fatal
+        loop = asyncio.get_running_loop()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._supervise())
+            self._task = loop.create_task(self._supervise())
+        ready = loop.create_task(self._ready.wait())
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            err = self._fatal or self.last_error
-            raise AtTimeoutError(f"monitor could not subscribe: {err}") from err
-        return self
+            await asyncio.wait({ready, self._task}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self._ready.is_set():
+            return self
+        if self._fatal is not None:       # the server refused the subscription itself
+            raise self._fatal
+        err = self.last_error
+        raise AtTimeoutError(f"monitor could not subscribe: {err}") from err
 
     async def close(self) -> None:
         self._closed = True
@@ -241,24 +250,35 @@ class Monitor:
         return self
 
     async def __anext__(self) -> AtNotification:
-        while True:
-            if self._closed and self._queue.empty():
-                raise StopAsyncIteration
-            payload = await self._queue.get()
-            if payload is None:
-                if self._fatal is not None:
-                    raise self._fatal
-                raise StopAsyncIteration
-            if self.decrypt:
-                return await self._client.decrypt_notification(payload)
-            return notification_from_json(payload)
+        if self._closed and self._queue.empty():
+            raise StopAsyncIteration
+        return await self._deliver(await self._queue.get())
+
+    async def _deliver(self, payload: dict | None) -> AtNotification:
+        if payload is None:
+            if self._fatal is not None:
+                raise self._fatal
+            raise StopAsyncIteration
+        if self.decrypt:
+            return await self._client.decrypt_notification(payload)
+        return notification_from_json(payload)
 
     async def get(self, timeout: float | None = None) -> AtNotification:
-        """The next notification (AtTimeoutError after ``timeout`` seconds)."""
+        """The next notification; AtTimeoutError after ``timeout`` seconds, AtConnectionError
+        once the monitor is closed (or the server's refusal, if it refused the subscription)."""
+        if self._closed and self._queue.empty():
+            raise self._fatal or AtConnectionError("monitor is closed")
+        if self._queue.empty():
+            try:
+                payload = await asyncio.wait_for(self._queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise AtTimeoutError(f"no notification within {timeout} s") from None
+        else:
+            payload = self._queue.get_nowait()   # already here: no wait_for (a task per call)
         try:
-            return await asyncio.wait_for(self.__anext__(), timeout)
-        except asyncio.TimeoutError:
-            raise AtTimeoutError(f"no notification within {timeout} s") from None
+            return await self._deliver(payload)
+        except StopAsyncIteration:
+            raise AtConnectionError("monitor is closed") from None
 
     async def run(self, callback: Callable[[AtNotification], Awaitable[Any]]) -> None:
         """Callback form: await ``callback(n)`` for every notification until closed."""
@@ -287,15 +307,10 @@ class Monitor:
             self.duplicates += 1
 
     def _on_unsolicited(self, what) -> None:
-        # The server answers a bad monitor command (regex, auth) with an error and no request
-        # of ours is waiting for it.
-        if isinstance(what, AtServerError):
-            log.warning("monitor %r: server error %s", self.regex, what)
-            if what.code in ("AT0003", "AT0009", "AT0022"):
-                self._fatal = what
-            self.last_error = what
-            if self._conn is not None:
-                self._conn.close(what)
+        # After a refused monitor command the noop's own "data:ok" arrives with no request
+        # left waiting; anything else unexpected on this connection is logged.
+        if what != "ok":
+            log.warning("monitor %r: unexpected reply %r", self.regex, what)
 
     # ---- connection supervision -------------------------------------------------------------
 
@@ -314,8 +329,14 @@ class Monitor:
                 cmd = MonitorCommand(epoch=epoch, regex=self.regex)
                 conn.send_no_reply(encode_command(cmd))
                 # The server handles one connection's commands in order and sends nothing for
-                # monitor, so the noop's answer means the subscription is live.
-                await conn.request("noop:0", self.heartbeat_timeout)
+                # a good monitor command, so the noop's answer means the subscription is live.
+                # A refused one (bad regex, not authorised) answers error: which, by order, is
+                # matched to the noop.
+                try:
+                    await conn.request("noop:0", self.heartbeat_timeout)
+                except AtServerError as exc:
+                    self._fatal = exc
+                    raise
                 attempt = 0
                 self.connects += 1
                 self._ready.set()

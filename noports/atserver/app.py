@@ -224,7 +224,8 @@ class AtServerApp:
         for atsign, h in self.core.hosted.items():
             if h.ks.get(AT_SECRET) is not None:
                 cram[atsign] = str(provision.secret_file(self.state_dir, atsign))
-        return {"event": "ready", "host": self.config.host, "root_port": self.root_port,
+        return {"event": "ready", "pid": os.getpid(), "host": self.config.host,
+                "root_port": self.root_port,
                 "atsigns": dict(self.ports), "ca_file": str(self.pki.ca_file),
                 "state_dir": str(self.state_dir),
                 "keys_dir": str(self.config.keys_dir) if self.config.keys_dir else None,

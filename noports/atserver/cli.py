@@ -128,6 +128,19 @@ async def _serve(config: ServerConfig) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """Use the hard RLIMIT_NOFILE: the connection caps, not EMFILE, should limit us."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 65536
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):    # pragma: no cover - platform dependent
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 \
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    _raise_fd_limit()
     if not args.no_uvloop:
         try:
             import uvloop

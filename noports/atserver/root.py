@@ -19,7 +19,8 @@ import collections
 import logging
 
 from noports.at.responses import LineReader, encode_root_answer
-from noports.errors import LineTooLongError
+from noports.atserver.server import close_soon
+from noports.errors import AtProtocolError
 
 __all__ = ["RootDirectory", "RootProtocol"]
 
@@ -82,7 +83,11 @@ class RootProtocol(asyncio.Protocol):
             return
         try:
             lines = self.reader.feed(data)
-        except LineTooLongError:
+        except AtProtocolError:      # over the 255-byte cap, or not UTF-8
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
             self._close()
             return
         if lines:
@@ -94,7 +99,7 @@ class RootProtocol(asyncio.Protocol):
         self.closed = True
         self.queue.clear()
         if self.transport is not None:
-            self.transport.close()
+            close_soon(asyncio.get_running_loop(), self.transport)
 
     def _process(self) -> None:
         d = self.directory

@@ -40,6 +40,8 @@ class _Fault:
         self.exc = exc
 
 
+# Seconds a closing connection may take to flush its last reply and finish TLS shutdown.
+CLOSE_GRACE = 1.0
 # Dart writes this exact line (no prompt) and closes when the inbound pool is full (spec §2.2).
 AT0012_REPLY = b"error:AT0012-Inbound connection limit exceeded\n"
 
@@ -106,6 +108,20 @@ class Batcher:
             conn.write_out(chunks)
 
 
+def close_soon(loop: asyncio.AbstractEventLoop, transport) -> None:
+    """Close after the buffered writes, but never wait long for a peer that does not read or
+    does not answer the TLS close_notify: abort after ``CLOSE_GRACE`` seconds."""
+    transport.close()
+    loop.call_later(CLOSE_GRACE, _abort, transport)
+
+
+def _abort(transport) -> None:
+    try:
+        transport.abort()
+    except (RuntimeError, AttributeError, OSError):
+        pass
+
+
 class AtSignConnection(asyncio.Protocol):
     """One client connection to one hosted atSign's port."""
 
@@ -124,6 +140,9 @@ class AtSignConnection(asyncio.Protocol):
         self.closing = False         # no more commands; close after the queued writes
         self.close_after_flush = False
         self.write_paused = False
+        self.reading = True
+        # Reply bytes queued in the batcher and not yet handed to the transport.
+        self.backlog = 0
         self.counted = False
         self.last_active = 0.0
         self._delayed: asyncio.TimerHandle | None = None
@@ -138,7 +157,7 @@ class AtSignConnection(asyncio.Protocol):
                         self.hosted.atsign, self.limits.max_connections)
             transport.write(AT0012_REPLY)
             self.closing = True
-            transport.close()
+            close_soon(self.loop, transport)
             return
         self.hosted.connections += 1
         self.counted = True
@@ -187,19 +206,24 @@ class AtSignConnection(asyncio.Protocol):
         if self.session is not None:
             self.core.close_session(self.session)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
+    def _set_reading(self, on: bool) -> None:
+        if on == self.reading or self.transport is None:
+            return
+        self.reading = on
         try:
-            self.transport.pause_reading()
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
         except (RuntimeError, AttributeError):
             pass
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._set_reading(False)
+
     def resume_writing(self) -> None:
         self.write_paused = False
-        try:
-            self.transport.resume_reading()
-        except (RuntimeError, AttributeError):
-            pass
         self._process()
 
     # -- command processing -------------------------------------------------------------------
@@ -208,7 +232,9 @@ class AtSignConnection(asyncio.Protocol):
         """Run queued commands strictly in order until one must wait."""
         core = self.core
         session = self.session
-        while self.queue and not self.busy and not self.closing and not self.write_paused:
+        high = self.limits.write_buffer_high
+        while (self.queue and not self.busy and not self.closing and not self.write_paused
+               and self.backlog < high):
             line = self.queue.popleft()
             if line.__class__ is _Fault:
                 exc = line.exc
@@ -229,8 +255,12 @@ class AtSignConnection(asyncio.Protocol):
             if reply.delay > 0:
                 self.busy = True
                 self._delayed = self.loop.call_later(reply.delay, self._after_delay, reply)
-                return
+                break
             self._emit(reply)
+        # Back-pressure: while commands wait (delayed reply, unread replies piling up), read
+        # no more from this client; at most one read's worth of lines is ever queued.
+        self._set_reading(not self.queue and self.reader is not None and not self.closing
+                          and not self.write_paused)
 
     def _after_delay(self, reply: Reply) -> None:
         self._delayed = None
@@ -261,6 +291,7 @@ class AtSignConnection(asyncio.Protocol):
             self.queue.clear()
         if err is not None and err.code not in ("AT0015",):
             log.debug("%s %s: %s %s", s.atsign, s.peer, err.code, err.message)
+        self.backlog += len(data)
         self.batcher.out(self, data)
 
     def error_bytes(self, err: VerbError) -> bytes:
@@ -284,17 +315,21 @@ class AtSignConnection(asyncio.Protocol):
             self.closing = True
             t.abort()
             return
+        self.backlog += len(data)
         self.batcher.out(self, data)
 
     def write_out(self, chunks: list[bytes]) -> None:
         t = self.transport
+        self.backlog = 0
         if t is None or t.is_closing():
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if data:
             t.write(data)
         if self.close_after_flush:
-            t.close()
+            close_soon(self.loop, t)
+        elif self.queue and not self.busy and not self.write_paused:
+            self.loop.call_soon(self._process)     # it stopped on the backlog: go on
 
     def fail_storage(self) -> None:
         t = self.transport
@@ -302,11 +337,11 @@ class AtSignConnection(asyncio.Protocol):
             return
         self.closing = True
         t.write(encode_error("AT0002", "DataStore exception", self.prompt()))
-        t.close()
+        close_soon(self.loop, t)
 
     def idle_close(self) -> None:
         log.info("%s: closing idle unauthenticated connection from %s", self.hosted.atsign,
                  self.session.peer)
         self.closing = True
         if self.transport is not None:
-            self.transport.close()
+            close_soon(self.loop, self.transport)

@@ -113,6 +113,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=OFF")
         self._db.executescript(SCHEMA)
         self._commit_ids: dict[str, int] = {}
+        self._meta_json: tuple[dict, str] | None = None
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -236,12 +237,20 @@ class Store:
     def put_notification(self, atsign: str, box: str, n: StoredNotification) -> None:
         """Store ``n`` in ``atsign``'s sent or received box (a repeated id replaces the old)."""
         self._begin()
+        meta = n.metadata
+        # The sent and received copies share one metadata dict: serialise it once.
+        cached = self._meta_json
+        if cached is not None and cached[0] is meta:
+            meta_json = cached[1]
+        else:
+            meta_json = orjson.dumps(meta).decode()
+            self._meta_json = (meta, meta_json)
         cur = self._db.execute(
             "INSERT OR REPLACE INTO notifications(atsign, box, id, from_atsign, to_atsign, key, "
             "value, operation, message_type, is_encrypted, metadata, epoch_millis, expires_at, "
             "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (atsign, box, n.id, n.from_atsign, n.to_atsign, n.key, n.value, n.operation,
-             n.message_type, int(n.is_encrypted), orjson.dumps(n.metadata).decode(),
+             n.message_type, int(n.is_encrypted), meta_json,
              n.epoch_millis, n.expires_at, n.status))
         n.seq = cur.lastrowid or 0
 

@@ -53,6 +53,7 @@ PKAM_KEY = "privatekey:at_pkam_publickey"
 MAX_REGEX = 1000
 # JSON error replies when the client's clientConfig version is above this (spec §2.4).
 JSON_ERRORS_AFTER = (3, 0, 37)
+_UNUSABLE_KEY = object()     # privatekey:at_pkam_publickey holds something that is not a key
 
 
 @dataclass
@@ -86,7 +87,11 @@ class HostedAtSign:
             rec = self.ks.get(PKAM_KEY)
             if rec is None or rec.value is None:
                 return None
-            self._pkam_key = crypto.public_key_from_b64(rec.value)
+            try:
+                self._pkam_key = crypto.public_key_from_b64(rec.value)
+            except (ValueError, TypeError):
+                # The owner may store garbage there; it then simply verifies nothing.
+                self._pkam_key = _UNUSABLE_KEY
         return self._pkam_key
 
     def forget_pkam_key(self) -> None:
@@ -247,7 +252,8 @@ class AtServerCore:
         if hashing not in ("sha256", "sha512"):
             hashing = "sha256"
         algo = (cmd.signing_algo or "rsa2048").lower()
-        ok = algo == "rsa2048" and crypto.pkam_verify(pub, challenge, cmd.signature, hashing)
+        ok = (algo == "rsa2048" and pub is not _UNUSABLE_KEY
+              and crypto.pkam_verify(pub, challenge, cmd.signature, hashing))
         if cmd.enrollment_id:
             # No enrollment records yet (no `enroll` verb).  The first enrollment of an atSign
             # copies its APKAM key to the legacy slot (spec §3.5), so a signature that verifies

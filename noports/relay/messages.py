@@ -9,6 +9,7 @@ plane feed it text and bytes.  ESCR (§5.4) is not implemented here.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
@@ -289,6 +290,15 @@ def parse_reply(text: str) -> RelayReply:
 
 # --- the auth line --------------------------------------------------------------------------
 
+def _canonical_b64(text: str) -> bool:
+    """True only for the one standard padded base64 spelling of some bytes (so no two lines that
+    differ in unused bits of the last character both pass)."""
+    try:
+        return base64.b64encode(base64.b64decode(text, validate=True)).decode() == text
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
 def auth_payload(session_id: str, client_nonce: str, rvd_nonce: str) -> dict:
     """The payload both sides sign: exactly these three keys, in this order."""
     return {"sessionId": session_id, "clientNonce": client_nonce, "rvdNonce": rvd_nonce}
@@ -340,5 +350,16 @@ class AuthVerifier:
             raise RelayAuthError("wrong_nonce", "auth line carries another rvdNonce")
         if payload.get("sessionId") != self.session_id:
             raise RelayAuthError("wrong_session", "auth line is for another session")
+        # A genuine signer signed exactly our reconstruction, so its payload serialises to the
+        # same bytes; anything else (other clientNonce, extra keys, other order) is refused even
+        # though the signature check below would ignore it.
+        try:
+            same = compact_json(payload).encode() == self.expected
+        except (ValueError, TypeError, RecursionError):
+            same = False
+        if not same:
+            raise RelayAuthError("wrong_payload", "auth line payload is not this session's")
+        if not _canonical_b64(signature):
+            raise RelayAuthError("bad_signature", "auth line signature is not canonical base64")
         if not verify(public_key, self.expected, signature, hashing):
             raise RelayAuthError("bad_signature", "auth line signature did not verify")

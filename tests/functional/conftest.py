@@ -128,7 +128,7 @@ class RawConn:
             try:
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 data = self.sock.recv(1 << 20)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return False
             except (ConnectionError, ssl.SSLError, OSError):
                 return True

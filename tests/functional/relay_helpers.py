@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from noports.at.atkeys import AtKeys
 from noports.relay import DataPlaneConfig, RelaySessions
@@ -25,7 +25,7 @@ HOST = "127.0.0.1"
 CHUNK = 1 << 20
 
 
-@lru_cache(maxsize=None)
+@cache
 def keys(atsign: str) -> AtKeys:
     """Real RSA-2048 keys, generated once per atSign per test run."""
     return AtKeys.generate(atsign)
@@ -198,3 +198,121 @@ def port_is_free(port: int) -> bool:
         return False
     finally:
         sock.close()
+
+
+# --- a relay in its own process (so its FDs, RSS and timing are its own) --------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+class RelayProcess:
+    """``python -m tests.functional.relay_helpers``: a RelaySessions in a child process, driven
+    by one JSON command per line on stdin (open a session, read its counters, quit)."""
+
+    def __init__(self, loop_kind: str = "asyncio", **config) -> None:
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.functional.relay_helpers", loop_kind, json.dumps(config)],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.pid = self.proc.pid
+        assert self.command({"op": "ping"}) == {"ok": True}
+
+    def command(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"relay process exited with {self.proc.wait(5)}")
+        return json.loads(line)
+
+    def open(self, atsign_a="@alice", atsign_b="@bob", **request_fields) -> Opened:
+        request_text = request_json(atsign_a, atsign_b, **request_fields)
+        ka, kb = keys(atsign_a), keys(atsign_b)
+        reply = self.command({"op": "open", "request": request_text,
+                              "pub_a": ka.encrypt_public_b64, "pub_b": kb.encrypt_public_b64})
+        request = parse_request_ports(request_text)
+        view = _RemoteSession(request, reply["port_a"], reply["port_b"], reply["nonce"])
+        line_a = encode_auth_line(request.session_id, request.client_nonce, reply["nonce"],
+                                  ka.encrypt_private)
+        line_b = encode_auth_line(request.session_id, request.client_nonce, reply["nonce"],
+                                  kb.encrypt_private)
+        return Opened(view, line_a, line_b)
+
+    def stats(self) -> dict:
+        return self.command({"op": "stats"})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.command({"op": "quit"})
+                self.proc.wait(10)
+            except (OSError, RuntimeError, ValueError):
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class _RemoteSession:
+    request: object
+    port_a: int
+    port_b: int
+    rvd_nonce: str
+
+    @property
+    def session_id(self) -> str:
+        return self.request.session_id
+
+
+async def _serve(config: dict) -> None:
+    import sys
+
+    from noports.at.crypto import public_key_from_b64
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    registry = RelaySessions(fast_config(**config))
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["op"] == "open":
+            session = await registry.open(parse_request_ports(cmd["request"]),
+                                          public_key_a=public_key_from_b64(cmd["pub_a"]),
+                                          public_key_b=public_key_from_b64(cmd["pub_b"]))
+            reply = {"port_a": session.port_a, "port_b": session.port_b,
+                     "nonce": session.rvd_nonce}
+        elif cmd["op"] == "stats":
+            st = registry.stats
+            reply = {"refusals": dict(st.refusals), "auth_failures": st.auth_failures,
+                     "unauth_sockets": st.unauth_sockets, "sessions_open": st.sessions_open,
+                     "queued": sum(s.queued("a") + s.queued("b") for s in registry.sessions()),
+                     "live_pairs": sum(s.live_pairs for s in registry.sessions())}
+        elif cmd["op"] == "quit":
+            await registry.close()
+            reply = {"ok": True}
+        else:
+            reply = {"ok": True}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if cmd["op"] == "quit":
+            break
+
+
+def main(argv: list[str]) -> None:
+    loop_kind, config = argv[0], json.loads(argv[1])
+    if loop_kind == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_serve(config))
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

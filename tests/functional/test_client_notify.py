@@ -10,7 +10,7 @@ from noports.at.atkeys import AtKeys
 from noports.at.client import AtClient
 from noports.at.commands import Metadata
 from noports.at.connection import AtConnectionError, AtTlsError
-from noports.at.crypto import encrypt_value, generate_iv_b64
+from noports.at.crypto import encrypt_value, generate_iv_b64, unwrap_shared_key
 from noports.at.root import AtSignNotFoundError, clear_root_cache
 from noports.errors import AtServerError
 
@@ -26,15 +26,15 @@ def test_encrypted_notify_both_directions(shared_atserver, run, event_loop_kind)
     tag = event_loop_kind
 
     async def main():
-        async with client_for(proc, "@alice") as alice, client_for(proc, "@bob") as bob:
-            async with alice.monitor(rf"{tag}\.both\.test@") as ma, \
-                    bob.monitor(rf"{tag}\.both\.test@") as mb:
-                to_bob = f"secret for bob ({tag}) ü"
-                to_alice = f"secret for alice ({tag}) ✓"
-                id1 = await alice.notify(f"@bob:m1.{tag}.both.test", to_bob, ttln=60_000)
-                id2 = await bob.notify(f"@alice:m2.{tag}.both.test", to_alice, ttln=60_000)
-                got_b = await mb.get(10)
-                got_a = await ma.get(10)
+        regex = rf"{tag}\.both\.test@"
+        async with client_for(proc, "@alice") as alice, client_for(proc, "@bob") as bob, \
+                alice.monitor(regex) as ma, bob.monitor(regex) as mb:
+            to_bob = f"secret for bob ({tag}) ü"
+            to_alice = f"secret for alice ({tag}) ✓"
+            id1 = await alice.notify(f"@bob:m1.{tag}.both.test", to_bob, ttln=60_000)
+            id2 = await bob.notify(f"@alice:m2.{tag}.both.test", to_alice, ttln=60_000)
+            got_b = await mb.get(10)
+            got_a = await ma.get(10)
         assert (got_b.id, got_b.from_atsign, got_b.to_atsign) == (id1, "@alice", "@bob")
         assert (got_a.id, got_a.from_atsign, got_a.to_atsign) == (id2, "@bob", "@alice")
         assert got_b.value == to_bob and got_a.value == to_alice
@@ -82,7 +82,8 @@ def test_put_get_public_self_shared(shared_atserver, run):
             meta = await alice.llookup("public:city.pgs@alice", "meta")
             assert meta["dataSignature"]
             keys = await alice.scan(r"\.pgs@")
-            assert {"public:city.pgs@alice", "diary.pgs@alice", "@carol:gift.pgs@alice"} <= set(keys)
+            expected = {"public:city.pgs@alice", "diary.pgs@alice", "@carol:gift.pgs@alice"}
+            assert expected <= set(keys)
             assert await alice.delete("diary.pgs@alice") is not None
             with pytest.raises(AtServerError) as info:
                 await alice.llookup("diary.pgs@alice")
@@ -103,7 +104,6 @@ def test_shared_key_records_as_spec(shared_atserver, run):
             out = await carol.shared_keys.for_sending("@bob")
             own = await carol.llookup("shared_key.bob@carol")
             theirs_meta = await carol.llookup("@bob:shared_key@carol", "meta")
-            from noports.at.crypto import unwrap_shared_key
             assert unwrap_shared_key(proc.keys("@carol").encrypt_private, own) == out.aes_key
             assert theirs_meta["ttr"] > 0
             assert await bob.shared_keys.for_receiving("@carol") == out.aes_key
@@ -224,5 +224,18 @@ def test_dropped_connection_fails_pending_then_reconnects(atserver, run):
             await loop.run_in_executor(None, proc.start)
             # next use reconnects (same ports: the server keeps them across restarts)
             assert await alice.get("before.drop@alice") == "1"
+
+    run(main())
+
+
+def test_self_notification_round_trip(shared_atserver, run):
+    async def main():
+        async with client_for(shared_atserver, "@carol") as carol, \
+                carol.monitor(r"note\.self@carol") as mon:
+            nid = await carol.notify("@carol:note.self", "to myself", ttln=60_000)
+            n = await mon.get(10)
+        assert (n.id, n.from_atsign, n.to_atsign, n.value) == (nid, "@carol", "@carol",
+                                                              "to myself")
+        assert n.raw["value"] != "to myself"
 
     run(main())

@@ -1,0 +1,575 @@
+"""What both ends of a relayed tunnel share: reaching the relay, the keys, an end's lifecycle.
+
+Owns: resolving the relay and opening a socket to one of its ports with the auth line written
+first (in clear, noports-protocol.md §5.3/§6); decoding the session key and IV (base64 text, as
+the daemon's response carries them); the control socket's Protocol skeleton (AES-256-CTR with
+the session key, one long-lived state per direction); and :class:`TunnelEnd`, the life of one
+end: started, open, closing, closed-with-a-reason, its counters, its idle timer and its data
+connections (each one a splice by the ``tunnelpump`` that ``noports._speedups`` selects).
+
+Not here: what the control messages say (``control.py``), which side does what
+(``client_end.py``, ``daemon_end.py``), the pump itself (``noports/_pure/tunnelpump.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+
+if sys.platform.startswith("linux"):
+    import fcntl
+    import termios
+
+    # on a TCP socket, Linux's TIOCOUTQ (= SIOCOUTQ) counts bytes not yet acknowledged
+    _OUTQ: int | None = termios.TIOCOUTQ
+else:  # pragma: no cover - elsewhere the check is skipped
+    _OUTQ = None
+
+from noports._speedups import load as load_speedup
+from noports.at.crypto import b64d
+from noports.errors import NoPortsError
+from noports.relay.messages import AUTH_FAILED_LINE
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "IDLE_GRACE",
+    "TunnelEnd",
+    "TunnelEnded",
+    "TunnelError",
+    "TunnelStats",
+    "decode_session_key",
+]
+
+log = logging.getLogger("noports.tunnel")
+
+#: Seconds to connect to the relay and write the auth line (Atsign's srv: 10 s).
+CONNECT_TIMEOUT = 10.0
+#: Extra idle seconds the daemon end waits beyond the request's timeout (see DaemonEnd).
+IDLE_GRACE = 5.0
+#: How long a new relay socket waits for the previous one's auth line to be acknowledged.
+_DELIVERY_WAIT = 2.0
+#: How long a closing end lets its control socket flush before aborting it.
+_CONTROL_FLUSH = 2.0
+#: What the relay writes before closing a socket whose auth line it rejected, sans newline.
+_REFUSED = AUTH_FAILED_LINE.rstrip(b"\n")
+
+
+class TunnelError(NoPortsError):
+    """An end that cannot start: relay unreachable, local port not bindable, malformed keys."""
+
+
+@dataclass(frozen=True)
+class TunnelEnded:
+    """Why an end closed.  ``reason`` is one short code, ``message`` says it for people.
+
+    Codes: ``idle`` (its idle timeout passed), ``closed`` (its owner called close()),
+    ``control_closed`` (the peer end or the relay ended the control channel),
+    ``control_reset`` (the control socket failed), ``relay_refused`` (the relay rejected the
+    control socket's auth line), ``protocol_error`` (garbage on the control channel),
+    ``relay_unreachable`` (daemon end: a data socket to the relay could not be opened, so the
+    pairing of later connections could no longer be trusted), ``start_failed``.
+    """
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@dataclass
+class TunnelStats:
+    """Counters of one end (data connections only; the control socket is not one)."""
+
+    connections_total: int = 0     # client: local connections accepted; daemon: connect: lines
+    connections_live: int = 0
+    connections_failed: int = 0    # never carried data: relay or target unreachable, refused
+    bytes_to_relay: int = 0        # plaintext bytes sent towards the relay, finished connections
+    bytes_from_relay: int = 0      # plaintext bytes delivered from the relay, finished connections
+    control_messages: int = 0      # client: control lines sent; daemon: control lines received
+
+
+def decode_session_key(key_b64: str | None, iv_b64: str | None) -> tuple[bytes, bytes] | None:
+    """The session AES-256 key and IV from their base64 text; None when encryption is off."""
+    if key_b64 is None and iv_b64 is None:
+        return None
+    if key_b64 is None or iv_b64 is None:
+        raise TunnelError("session key and IV must both be given, or neither")
+    try:
+        key, iv = b64d(key_b64), b64d(iv_b64)
+    except (ValueError, TypeError):
+        raise TunnelError("session key or IV is not base64") from None
+    if len(key) != 32 or len(iv) != 16:
+        raise TunnelError(f"session key must be 32 bytes and IV 16 bytes, got {len(key)} "
+                          f"and {len(iv)}")
+    return key, iv
+
+
+def _normalize_auth_line(line: bytes | str) -> bytes:
+    if isinstance(line, str):
+        line = line.encode("utf-8")
+    line = bytes(line)
+    if not line.strip():
+        raise TunnelError("empty auth line")
+    return line if line.endswith(b"\n") else line + b"\n"
+
+
+async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple]:
+    """``(family, sockaddr)`` for each TCP address of host:port, in resolver order."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: list[tuple] = []
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    if not seen:
+        raise OSError(f"no address for {host}")
+    return seen
+
+
+async def connect_tcp(loop: asyncio.AbstractEventLoop, family: int, sockaddr: tuple,
+                      first: bytes = b"") -> socket.socket:
+    """A connected non-blocking socket with ``first`` written; closed again on any failure."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, sockaddr)
+        if first:
+            await loop.sock_sendall(sock, first)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def unacked_bytes(sock: socket.socket) -> int | None:
+    """Bytes written to a TCP socket that the peer has not acknowledged yet (Linux SIOCOUTQ:
+    unsent + unacked); None where the platform cannot say or the socket is gone."""
+    if _OUTQ is None or sock.fileno() < 0:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except OSError:
+        return None
+    return struct.unpack("i", raw)[0]
+
+
+async def auth_line_delivered(sock: socket.socket | None, limit: float = _DELIVERY_WAIT) -> None:
+    """Wait (at most ``limit`` s) until the relay's TCP has acknowledged all we wrote on ``sock``.
+
+    Why: the relay pairs sockets in the order their auth lines *complete*.  Opening socket k+1
+    only once socket k's auth line has reached the relay keeps a lost-and-retransmitted auth
+    line from letting k+1 overtake k.  On a healthy path the ACK came back while k+1 was
+    connecting, so this costs nothing; where the kernel cannot tell us, it is skipped.
+    """
+    if sock is None:
+        return
+    deadline = time.monotonic() + limit
+    delay = 0.0005
+    while True:
+        left = unacked_bytes(sock)
+        if not left or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(delay)     # no event exists for "ACKed": poll, backing off
+        delay = min(delay * 2, 0.02)
+
+
+async def connect_any(loop: asyncio.AbstractEventLoop, addrs: list[tuple], timeout: float,
+                      first: bytes = b"") -> tuple[socket.socket, tuple]:
+    """Try each address in turn (each within ``timeout``); the socket and the address used."""
+    last: BaseException | None = None
+    for family, sockaddr in addrs:
+        try:
+            sock = await asyncio.wait_for(connect_tcp(loop, family, sockaddr, first), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            last = exc
+            continue
+        return sock, (family, sockaddr)
+    if isinstance(last, asyncio.TimeoutError):
+        raise OSError(f"timed out after {timeout:g} s")
+    raise last if last is not None else OSError("no address")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+class ControlProtocol(asyncio.Protocol):
+    """The control socket: AES-256-CTR both ways when the session is encrypted.
+
+    Subclasses handle the plaintext (``plaintext_received``).  The first raw bytes are also
+    checked for the relay's plain-text ``Socket auth failed`` (a refusal the relay writes before
+    closing), which no encrypted stream can be mistaken for in practice.
+    """
+
+    def __init__(self, end: TunnelEnd, send_cipher, recv_cipher) -> None:
+        self.end = end
+        self.send_cipher = send_cipher
+        self.recv_cipher = recv_cipher
+        self.transport: asyncio.Transport | None = None
+        self.head = bytearray()         # the first raw bytes received, for the refusal check
+        self.lost = False
+        self.lost_event = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, plaintext: bytes) -> bool:
+        """Encrypt and write one message; False if the control socket is no longer writable."""
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return False
+        data = self.send_cipher.update(plaintext) if self.send_cipher is not None else plaintext
+        t.write(data)
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.head) < len(_REFUSED):
+            self.head += data[:len(_REFUSED) - len(self.head)]
+            if self.relay_refused():
+                self.end._end("relay_refused", "the relay refused the control socket "
+                                               "(it answered 'Socket auth failed')")
+                return
+        plaintext = self.recv_cipher.update(data) if self.recv_cipher is not None else data
+        self.plaintext_received(plaintext)
+
+    def relay_refused(self) -> bool:
+        return len(self.head) >= len(_REFUSED) and bytes(self.head).startswith(_REFUSED)
+
+    def plaintext_received(self, data: bytes) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def eof_received(self) -> bool:
+        if self.relay_refused():
+            self.end._end("relay_refused", "the relay refused the control socket "
+                                           "(it answered 'Socket auth failed')")
+        else:
+            self.end._control_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_event.set()
+        if exc is not None:
+            self.end._end("control_reset", f"the control socket to the relay failed: "
+                                           f"{_describe(exc)}")
+        else:
+            self.end._control_eof()
+
+
+class TunnelEnd:
+    """The life of one end; ClientEnd and DaemonEnd fill in what the end does.
+
+    ``await start()`` (subclass) connects; ``await wait_closed()`` returns the TunnelEnded;
+    ``await close()`` ends it now.  Ending aborts the end's live data connections: the session
+    is over for both ends at once (the relay closes its pairs too when the control pair ends).
+    """
+
+    #: which peer is on the other end of the control channel (for messages)
+    peer_name = "peer"
+
+    def __init__(self, relay_host: str, relay_port: int, auth_line: bytes | str, *,
+                 session_key: str | None, session_iv: str | None,
+                 idle_timeout: float | None, connect_timeout: float = CONNECT_TIMEOUT,
+                 max_buffer: int | None = None, max_connections: int = 1024) -> None:
+        if not 0 < int(relay_port) < 65536:
+            raise TunnelError(f"not a relay port: {relay_port!r}")
+        self.relay_host = relay_host
+        self.relay_port = int(relay_port)
+        self.auth_line = _normalize_auth_line(auth_line)
+        self.session_keys = decode_session_key(session_key, session_iv)
+        self.idle_timeout = idle_timeout if idle_timeout and idle_timeout > 0 else None
+        self.connect_timeout = connect_timeout
+        self.pump = load_speedup("tunnelpump")
+        self.max_buffer = max_buffer or self.pump.MAX_BUFFER
+        self.max_connections = max_connections
+        self.stats = TunnelStats()
+        self.state = "new"                  # new -> open -> closing -> closed
+        self.ended: TunnelEnded | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._relay_addr: tuple | None = None
+        self._last_relay: socket.socket | None = None   # the relay socket opened last
+        self._control: ControlProtocol | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._splices: set = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._loose: set[socket.socket] = set()   # sockets whose connection task has not run
+        self._close_task: asyncio.Task | None = None
+        self._closed: asyncio.Event | None = None
+
+    # -- public surface --
+    @property
+    def encrypted(self) -> bool:
+        return self.session_keys is not None
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "closed"
+
+    @property
+    def close_reason(self) -> TunnelEnded | None:
+        return self.ended
+
+    @property
+    def bytes_to_relay(self) -> int:
+        """Plaintext bytes sent towards the relay so far, live connections included."""
+        return self.stats.bytes_to_relay + sum(s.bytes_plain_to_relay for s in self._splices)
+
+    @property
+    def bytes_from_relay(self) -> int:
+        return self.stats.bytes_from_relay + sum(s.bytes_relay_to_plain for s in self._splices)
+
+    async def wait_closed(self) -> TunnelEnded:
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        await self._closed.wait()
+        return self.ended  # type: ignore[return-value]
+
+    async def close(self, reason: str = "closed", message: str = "closed by its owner") -> None:
+        """End now (idempotent); returns once every socket of this end is closed."""
+        if self.state == "new":
+            self.state = "closed"
+            self.ended = self.ended or TunnelEnded(reason, message)
+            self._set_closed()
+            return
+        self._end(reason, message)
+        await self.wait_closed()
+
+    # -- for subclasses --
+    async def _connect_control(self, loop: asyncio.AbstractEventLoop,
+                               factory) -> ControlProtocol:
+        """Resolve the relay, open the control socket (auth line first), wrap it."""
+        self._loop = loop
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        where = f"{self.relay_host}:{self.relay_port}"
+        try:
+            addrs = await resolve(loop, self.relay_host, self.relay_port)
+            sock, self._relay_addr = await connect_any(loop, addrs, self.connect_timeout,
+                                                       self.auth_line)
+        except OSError as exc:
+            raise TunnelError(f"cannot connect to the relay at {where}: {_describe(exc)}") from None
+        _keepalive(sock)
+        self._last_relay = sock
+        send, recv = self._control_ciphers()
+        proto = factory(self, send, recv)
+        try:
+            await loop.connect_accepted_socket(lambda: proto, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._control = proto
+        return proto
+
+    def _control_ciphers(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def open_relay_socket(self) -> socket.socket:
+        """A new data socket to the relay port that the control socket reached, auth line sent.
+
+        Callers open relay sockets one at a time; each new one writes its auth line only once
+        the previous one's has been acknowledged (see auth_line_delivered)."""
+        family, sockaddr = self._relay_addr  # type: ignore[misc]
+        sock = await asyncio.wait_for(connect_tcp(self._loop, family, sockaddr),
+                                      self.connect_timeout)
+        try:
+            await auth_line_delivered(self._last_relay)
+            await asyncio.wait_for(self._loop.sock_sendall(sock, self.auth_line),
+                                   self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._last_relay = sock
+        return sock
+
+    def _opened(self) -> None:
+        self.state = "open"
+        pending, self.ended = self.ended, None
+        if pending is not None:
+            # the control socket ended while start() was still running
+            self._end(pending.reason, pending.message)
+            return
+        self._arm_idle()
+
+    def _spawn(self, coro: Coroutine) -> asyncio.Task:
+        task = self._loop.create_task(coro)  # type: ignore[union-attr]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _conn_started(self) -> None:
+        self.stats.connections_total += 1
+        self.stats.connections_live += 1
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _conn_finished(self, failed: bool = False) -> None:
+        self.stats.connections_live -= 1
+        if failed:
+            self.stats.connections_failed += 1
+        if self.stats.connections_live == 0:
+            self._arm_idle()
+
+    def _idle_limit(self) -> float | None:
+        return self.idle_timeout
+
+    def _arm_idle(self) -> None:
+        limit = self._idle_limit()
+        if limit is None or self.state != "open" or self.stats.connections_live:
+            return
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._idle_handle = self._loop.call_later(limit, self._idle_fired, limit)  # type: ignore[union-attr]
+
+    def _idle_fired(self, limit: float) -> None:
+        self._idle_handle = None
+        if self.stats.connections_live == 0:
+            self._end("idle", f"no connections for {limit:g} s")
+
+    def _spawn_connection(self, coro: Coroutine, socks: tuple[socket.socket, ...],
+                          on_abandon=None) -> asyncio.Task:
+        """Run one data connection's coroutine, which owns ``socks`` once it calls _own().
+
+        A task cancelled before its first step never runs its ``finally``: the done callback
+        then closes the sockets it never took and counts the connection as finished."""
+        for sock in socks:
+            self._loose.add(sock)
+        task = self._spawn(coro)
+
+        def abandoned(_task: asyncio.Task) -> None:
+            if not any(sock in self._loose for sock in socks):
+                return
+            for sock in socks:
+                if sock in self._loose:
+                    self._loose.discard(sock)
+                    sock.close()
+            if on_abandon is not None:
+                on_abandon()
+            self._conn_finished(failed=True)
+
+        task.add_done_callback(abandoned)
+        return task
+
+    def _own(self, *socks: socket.socket) -> None:
+        for sock in socks:
+            self._loose.discard(sock)
+
+    def _spawn_splice(self, plain: socket.socket, relay: socket.socket, encrypt,
+                      decrypt) -> asyncio.Task:
+        return self._spawn_connection(self._splice(plain, relay, encrypt, decrypt),
+                                      (plain, relay))
+
+    async def _splice(self, plain: socket.socket, relay: socket.socket, encrypt,
+                      decrypt) -> None:
+        """Run one data connection to its end (owns both sockets from its first step)."""
+        self._own(plain, relay)
+        splice = None
+        try:
+            splice = await self.pump.open_splice_encrypted(
+                self._loop, plain, relay, encrypt=encrypt, decrypt=decrypt,
+                max_buffer=self.max_buffer)
+            self._splices.add(splice)
+            if self.state != "open":
+                splice.close()    # the end began closing while this one was being set up
+            result = await splice.wait()
+            self.stats.bytes_to_relay += result.bytes_plain_to_relay
+            self.stats.bytes_from_relay += result.bytes_relay_to_plain
+            log.debug("%s: connection ended (%s%s): %d bytes to the relay, %d from it",
+                      type(self).__name__, result.how_ended,
+                      f" by {result.ended_by}" if result.ended_by else "",
+                      result.bytes_plain_to_relay, result.bytes_relay_to_plain)
+        finally:
+            if splice is not None:
+                self._splices.discard(splice)
+            self._conn_finished()
+
+    def _control_eof(self) -> None:
+        self._end("control_closed", f"the control channel was closed: the {self.peer_name} "
+                                    "ended the session, or the relay did")
+
+    def _end(self, reason: str, message: str) -> None:
+        """Begin closing (callable from any callback); the first reason given is kept."""
+        if self.state in ("closing", "closed") or self._close_task is not None:
+            return
+        if self.state == "new":
+            self.ended = TunnelEnded(reason, message)
+            return
+        self.ended = TunnelEnded(reason, message)
+        self.state = "closing"
+        log.info("%s closing: %s", type(self).__name__, self.ended)
+        self._close_task = self._loop.create_task(self._shutdown())  # type: ignore[union-attr]
+
+    async def _stop_work(self) -> None:
+        """Subclass hook: stop accepting / reading new work (called first when closing)."""
+
+    async def _shutdown(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        await self._stop_work()
+        control = self._control
+        graceful = self.ended is not None and self.ended.reason in ("idle", "closed")
+        if control is not None and control.transport is not None and not control.lost:
+            if graceful:
+                control.transport.close()    # what is queued (connect lines) goes first, then FIN
+            else:
+                control.transport.abort()
+        for splice in list(self._splices):
+            splice.close()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in list(self._loose):
+            sock.close()
+        self._loose.clear()
+        if control is not None and not control.lost:
+            try:
+                await asyncio.wait_for(control.lost_event.wait(), _CONTROL_FLUSH)
+            except asyncio.TimeoutError:
+                control.transport.abort()  # type: ignore[union-attr]
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(control.lost_event.wait(), 1.0)
+        self.state = "closed"
+        self._set_closed()
+
+    def _set_closed(self) -> None:
+        if self._closed is None:
+            self._closed = asyncio.Event()
+        self._closed.set()
+
+    async def _fail_start(self, exc: BaseException) -> None:
+        """start() went wrong: close whatever was opened; the caller re-raises."""
+        message = _describe(exc)
+        if self._control is None:
+            self.state = "closed"
+            self.ended = TunnelEnded("start_failed", message)
+            self._set_closed()
+            return
+        self.state = "open"
+        self.ended = None
+        self._end("start_failed", message)
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """TCP keep-alive on the long-lived control socket, so a vanished peer is noticed."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
