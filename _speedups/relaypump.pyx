@@ -16,6 +16,7 @@ layout is in relaypump.pxd; the platform shims in relaypump_sys.h.
 """
 
 import asyncio
+import os
 import socket
 
 from cpython.bytes cimport PyBytes_AS_STRING
@@ -63,6 +64,115 @@ cdef bint _splice_enabled = NP_HAVE_SPLICE != 0
 cdef int _MAX_ROUNDS = 8
 
 
+# -- the carrier pools ----------------------------------------------------------------------
+# A direction holds a pipe (or a copy block) only while bytes wait in it: when it is empty the
+# carrier goes back to a per-process pool and the next direction with data borrows it.  So a
+# worker with 10,000 mostly idle sessions holds a handful of pipes, not 20,000 (4 fds and 512
+# pipe-user pages each at 1 MiB, past the unprivileged quota of 16,384 pages at 32 pipes), and
+# no 256 KiB copy block per idle direction.  Borrow and return are array operations with the
+# GIL held (every callback holds it), no syscall: a 64-byte ping-pong pays nothing for them.
+cdef enum:
+    _POOL_MAX = 32
+
+cdef int _pool_pipe_r[_POOL_MAX]
+cdef int _pool_pipe_w[_POOL_MAX]
+cdef Py_ssize_t _pool_pipe_cap[_POOL_MAX]
+cdef int _pool_pipes = 0
+cdef char *_pool_buf[_POOL_MAX]
+cdef int _pool_bufs = 0
+
+
+cdef bint _borrow_pipe(_Dir *d) noexcept:
+    """Give ``d`` an empty pipe of useful size; False when the kernel will not."""
+    global _pool_pipes
+    cdef int fds[2]
+    cdef int cap
+    if _pool_pipes > 0:
+        _pool_pipes -= 1
+        d.pipe_r = _pool_pipe_r[_pool_pipes]
+        d.pipe_w = _pool_pipe_w[_pool_pipes]
+        d.pipe_cap = _pool_pipe_cap[_pool_pipes]
+        return True
+    cap = np_pipe_open(fds, <int>_pipe_size)
+    if cap >= _MIN_PIPE:
+        d.pipe_r = fds[0]
+        d.pipe_w = fds[1]
+        d.pipe_cap = cap
+        return True
+    if cap >= 0:
+        c_close(fds[0])
+        c_close(fds[1])
+    return False       # EMFILE, ENOSYS, or a pipe too small to be worth it
+
+
+cdef void _return_pipe(_Dir *d) noexcept:
+    """Take ``d``'s pipe back: into the pool if it is empty and there is room, else closed."""
+    global _pool_pipes
+    if d.pipe_r < 0:
+        return
+    if d.in_pipe == 0 and _pool_pipes < _POOL_MAX:
+        _pool_pipe_r[_pool_pipes] = d.pipe_r
+        _pool_pipe_w[_pool_pipes] = d.pipe_w
+        _pool_pipe_cap[_pool_pipes] = d.pipe_cap
+        _pool_pipes += 1
+    else:
+        c_close(d.pipe_r)    # bytes still inside (an aborted splice) are dropped with it
+        c_close(d.pipe_w)
+    d.pipe_r = d.pipe_w = -1
+    d.in_pipe = 0
+
+
+cdef char *_borrow_buf() noexcept:
+    global _pool_bufs
+    if _pool_bufs > 0:
+        _pool_bufs -= 1
+        return _pool_buf[_pool_bufs]
+    return <char *>malloc(_READ_SIZE)
+
+
+cdef void _return_buf(_Dir *d) noexcept:
+    global _pool_bufs
+    if d.buf == NULL:
+        return
+    if _pool_bufs < _POOL_MAX:
+        _pool_buf[_pool_bufs] = d.buf
+        _pool_bufs += 1
+    else:
+        free(d.buf)
+    d.buf = NULL
+    d.buf_start = d.buf_end = 0
+
+
+def _pool_clear():
+    """Close every pooled pipe and free every pooled block (after fork, on reconfiguration,
+    and for tests that count FDs).  Returns how many pipes were closed."""
+    global _pool_pipes, _pool_bufs
+    closed = _pool_pipes
+    while _pool_pipes > 0:
+        _pool_pipes -= 1
+        c_close(_pool_pipe_r[_pool_pipes])
+        c_close(_pool_pipe_w[_pool_pipes])
+    while _pool_bufs > 0:
+        _pool_bufs -= 1
+        free(_pool_buf[_pool_bufs])
+    return closed
+
+
+def _pool_size():
+    """(pooled pipes, pooled blocks): for tests."""
+    return (_pool_pipes, _pool_bufs)
+
+
+def _after_fork_in_child():
+    # A forked worker must not share pipes with its parent: two processes splicing through
+    # one pipe would interleave their bytes.  Forget (close) the inherited pool.
+    _pool_clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _configure(pipe_size=None, use_splice=None):
     """Tests and benchmarks only: the pipe capacity to ask for, and splice on/off (off = the
     portable recv/send path, so Linux CI exercises what macOS runs).  Applies to Splices made
@@ -71,6 +181,7 @@ def _configure(pipe_size=None, use_splice=None):
     previous = (_pipe_size, bool(_splice_enabled))
     if pipe_size is not None:
         _pipe_size = int(pipe_size)
+        _pool_clear()      # pooled pipes have the old size
     if use_splice is not None:
         _splice_enabled = bool(use_splice) and NP_HAVE_SPLICE != 0
     return previous
@@ -181,6 +292,12 @@ cdef class Splice:
     def _paths(self):
         return (_path(&self.s.ab), _path(&self.s.ba))
 
+    @property
+    def _carriers(self):
+        """Whether each direction holds a pipe or block now (an idle one must not)."""
+        return (self.s.ab.pipe_r >= 0 or self.s.ab.buf != NULL,
+                self.s.ba.pipe_r >= 0 or self.s.ba.buf != NULL)
+
     # -- start: called once by open_splice --
     def _start(self, sock_a, sock_b):
         self._sock_a = sock_a     # ownership passes here: closed by _finish(), whatever happens
@@ -259,6 +376,7 @@ cdef class Splice:
                 if shutdown(d.dst_fd, SHUT_WR) != 0:
                     return self._fail("reset", _dst_name(d))
                 d.eof_passed = True
+                _release_dir(d)
                 self._want(d, False, False)
                 if self.s.ab.eof_passed and self.s.ba.eof_passed:
                     self._fail("eof", None)
@@ -268,6 +386,7 @@ cdef class Splice:
                 # read that would only say EAGAIN (the reader is level-triggered, so bytes that
                 # arrive meanwhile wake us again).  Saves one syscall per wake-up, which is
                 # most of them in interactive traffic (64-byte ping-pong).
+                _release_dir(d)     # empty: its carrier goes back to the pool
                 return self._want(d, True, False)
             rounds += 1
             n = self._fill(d, &asked)
@@ -277,7 +396,8 @@ cdef class Splice:
             elif n == 0:
                 d.src_eof = True
             elif _would_block(errno):
-                return self._want(d, True, False)   # buffer empty, so EAGAIN is unambiguous
+                _release_dir(d)     # buffer empty, so EAGAIN is unambiguous: socket drained
+                return self._want(d, True, False)
             elif errno != EINTR:
                 return self._fail("reset", _src_name(d))
 
@@ -325,19 +445,14 @@ cdef class Splice:
         cdef int cap
         cdef ssize_t n
         cdef Py_ssize_t want
-        if d.pipe_r < 0 and d.buf == NULL and self.s.use_splice:
-            # The pipe is made at the first byte, not at pairing: an idle session holds no
-            # pipe (no 2 fds, no pipe-user-pages quota) per direction.
-            cap = np_pipe_open(fds, <int>_pipe_size)
-            if cap >= _MIN_PIPE:
-                d.pipe_r = fds[0]
-                d.pipe_w = fds[1]
-                d.pipe_cap = cap
+        if d.pipe_r < 0 and d.buf == NULL:
+            # A carrier is borrowed when bytes come (see the pools above).  A direction that
+            # could not get a pipe once copies for good: asking again would cost syscalls at
+            # every wake-up while the quota is exhausted.
+            if self.s.use_splice and d.path != 2 and _borrow_pipe(d):
                 d.path = 1
-            elif cap >= 0:
-                c_close(fds[0])
-                c_close(fds[1])
-            # cap < 0 (EMFILE, ENOSYS): this direction copies, which always works
+            else:
+                d.path = 2
         if d.pipe_r >= 0:
             # socket -> pipe: one call takes the whole receive queue (tcp_splice_read walks it
             # in one go when non-blocking), up to the pipe's capacity.
@@ -350,14 +465,13 @@ cdef class Splice:
             if n == 0 or errno != EINVAL:
                 return n
             # a socket type splice does not serve: copy from now on (the pipe is empty)
-            _release_dir(d)
+            _return_pipe(d)
+            d.path = 2
         if d.buf == NULL:
-            # one block per direction for its whole life, allocated at its first byte
-            d.buf = <char *>malloc(_READ_SIZE)
+            d.buf = _borrow_buf()
             if d.buf == NULL:
                 np_set_errno(ENOMEM)
                 return -1
-            d.path = 2
         asked[0] = _READ_SIZE
         n = recv(d.src_fd, d.buf, _READ_SIZE, 0)
         if n > 0:
@@ -426,15 +540,8 @@ cdef class Splice:
 
 
 cdef void _release_dir(_Dir *d) noexcept:
-    if d.pipe_r >= 0:
-        c_close(d.pipe_r)
-        c_close(d.pipe_w)
-        d.pipe_r = d.pipe_w = -1
-    d.in_pipe = 0          # whatever the pipe held is dropped with it
-    if d.buf != NULL:
-        free(d.buf)
-        d.buf = NULL
-    d.buf_start = d.buf_end = 0
+    _return_pipe(d)        # a pipe still holding bytes is closed, not pooled
+    _return_buf(d)
 
 
 cdef inline Py_ssize_t _buffered(_Dir *d) noexcept:

@@ -193,7 +193,7 @@ class Splice:
         for half in (a, b):
             half._flush_parked()
         for half in (a, b):
-            if False:  # MUTANT
+            if half.got_eof:
                 self._pass_eof(half)
             else:
                 half._update_reading()

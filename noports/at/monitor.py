@@ -194,8 +194,9 @@ class Monitor:
     async def start(self, timeout: float | None = 30.0) -> Monitor:
         """Connect and subscribe; returns once the server has the subscription.
 
-        If the first attempt fails the monitor keeps retrying in the background; ``start`` waits
-        up to ``timeout`` for success and then raises the last error.
+        Unreachable servers are retried (with backoff) for up to ``timeout`` seconds; a refusal
+        by the server (AtServerError: login or regex refused) is raised at once.  On failure
+        the monitor is closed.
         """
         if self._fatal is not None:
             raise self._fatal
@@ -210,6 +211,7 @@ class Monitor:
             ready.cancel()
         if self._ready.is_set():
             return self
+        await self.close()
         if self._fatal is not None:       # the server refused the subscription itself
             raise self._fatal
         err = self.last_error
@@ -332,11 +334,7 @@ class Monitor:
                 # a good monitor command, so the noop's answer means the subscription is live.
                 # A refused one (bad regex, not authorised) answers error: which, by order, is
                 # matched to the noop.
-                try:
-                    await conn.request("noop:0", self.heartbeat_timeout)
-                except AtServerError as exc:
-                    self._fatal = exc
-                    raise
+                await conn.request("noop:0", self.heartbeat_timeout)
                 attempt = 0
                 self.connects += 1
                 self._ready.set()
@@ -347,6 +345,10 @@ class Monitor:
             except (NoPortsError, OSError, asyncio.TimeoutError) as exc:
                 self.last_error = exc
                 log.info("monitor %r: %s", self.regex, exc)
+                if self.connects == 0 and isinstance(exc, AtServerError):
+                    # Refused before ever subscribing (bad keys, bad regex): retrying will not
+                    # help, so start() reports it.  Once running, everything is retried.
+                    self._fatal = exc
             finally:
                 self._ready.clear()
                 if heartbeat is not None:

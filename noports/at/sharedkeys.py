@@ -117,6 +117,9 @@ class SharedKeys:
 
     async def for_sending(self, other: str) -> OutgoingKey:
         """The key for encrypting values to ``other``; created and stored if there is none."""
+        hit = self._outgoing.get(other)      # callers mostly pass normalised atSigns
+        if hit is not None:
+            return hit
         other = normalize_atsign(other)
         hit = self._outgoing.get(other)
         if hit is not None:

@@ -91,6 +91,7 @@ class AtServerApp:
             # Private keys and CRAM secrets live here; SQLite gives -wal/-shm the same mode.
             os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
         self.store = Store(db, synchronous=cfg.synchronous)
+        self.store.start_checkpointer()
         hub = NotificationHub(self.store)
         self.core = AtServerCore(self.store, hub, cfg.limits,
                                  on_secret_deleted=provision.remove_secret)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS commits (
     PRIMARY KEY (atsign, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commits_by_id ON commits (atsign, commit_id);
 CREATE TABLE IF NOT EXISTS notifications (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     atsign TEXT NOT NULL, box TEXT NOT NULL, id TEXT NOT NULL,
     from_atsign TEXT NOT NULL, to_atsign TEXT NOT NULL, key TEXT NOT NULL, value TEXT,
     operation TEXT NOT NULL, message_type TEXT NOT NULL, is_encrypted INTEGER NOT NULL,
@@ -112,6 +113,11 @@ class Store:
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=OFF")
         self._db.executescript(SCHEMA)
+        # Checkpoints (WAL -> database file, with an fsync) run in a helper thread so that a
+        # commit on the event loop never pays for one; see start_checkpointer().
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self._commit_ids: dict[str, int] = {}
         self._meta_json: tuple[dict, str] | None = None
 
@@ -135,9 +141,35 @@ class Store:
         # In-memory counters may be ahead of what was rolled back.
         self._commit_ids.clear()
 
+    def start_checkpointer(self, interval: float = 0.5) -> None:
+        """Run ``wal_checkpoint(PASSIVE)`` every ``interval`` s from a daemon thread with its
+        own connection (passive checkpoints never block the writer)."""
+        if self._checkpointer is not None:
+            return
+
+        def loop() -> None:
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            try:
+                while not self._stop_checkpoints.wait(interval):
+                    try:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error:
+                        pass          # busy or shutting down: next round
+            finally:
+                db.close()
+
+        self._checkpointer = threading.Thread(target=loop, name="sqlite-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
+
     def close(self) -> None:
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(5)
+            self._checkpointer = None
         try:
             self.commit()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._db.close()
 

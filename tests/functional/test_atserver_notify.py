@@ -133,7 +133,7 @@ def test_ttln_expiry_and_unhosted_recipient(atserver):
     srv = atserver("@alice", "@bob")
     alice = srv.login("@alice")
     try:
-        short = alice.request("notify:ttln:300:@bob:short@alice:v")[5:]
+        short = alice.request("notify:ttln:1500:@bob:short@alice:v")[5:]
         long_ = alice.request("notify:@bob:long@alice:v")[5:]
         assert alice.request(f"notify:status:{short}") == "data:delivered"
         wait_for(lambda: alice.request(f"notify:status:{short}") == "data:expired",

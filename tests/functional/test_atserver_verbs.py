@@ -108,7 +108,7 @@ def test_bad_metadata_and_keys(alice):
 def test_ttl_and_ttb(alice):
     n = _name()
     alice.request(f"update:ttl:300:public:{n}@alice soon-gone")
-    alice.request(f"update:ttb:300:public:b{n}@alice not-yet")
+    alice.request(f"update:ttb:2000:public:b{n}@alice not-yet")
     assert alice.request(f"llookup:public:b{n}@alice") == "data:null"
     assert f"public:b{n}@alice" not in json.loads(alice.request("scan")[5:])
     wait_for(lambda: alice.request(f"llookup:public:{n}@alice") == "data:null",

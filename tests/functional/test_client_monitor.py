@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 
+from noports.at.atkeys import AtKeys
 from noports.at.client import AtClient
 from noports.errors import AtServerError
 
@@ -169,5 +170,24 @@ def test_monitor_refused_regex_raises(shared_atserver, run):
                 raise AssertionError("a bad regex was accepted")
             # the main connection is unaffected
             assert await bob.execute("noop:0") == "ok"
+
+    run(main())
+
+
+def test_monitor_refused_login_raises_quickly(shared_atserver, run):
+    async def main():
+        stranger = AtClient("@bob", AtKeys.generate("@bob"),
+                            root=f"127.0.0.1:{shared_atserver.root_port}",
+                            ca_file=str(shared_atserver.ca_file))
+        mon = stranger.monitor(".*")
+        t0 = asyncio.get_running_loop().time()
+        try:
+            await mon.start(timeout=20)
+        except AtServerError as exc:
+            assert exc.code == "AT0401"
+        else:
+            raise AssertionError("monitor logged in with unregistered keys")
+        assert asyncio.get_running_loop().time() - t0 < 10    # not retried until the timeout
+        await stranger.close()
 
     run(main())

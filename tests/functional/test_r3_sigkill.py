@@ -26,6 +26,8 @@ from noports.at import crypto
 RUNS = 20
 UPDATES = 1000
 NOTIFIES = 1000
+CHUNK = 50
+WINDOW = 200
 _PROMPT = re.compile(r"^(?:@alice@|@bob@|@)+")
 
 
@@ -93,17 +95,35 @@ async def _burst(srv, run: int, kill_after: float | None) -> tuple[list, float]:
     killer = None
     if kill_after is not None:
         killer = loop.call_later(kill_after, os.kill, srv.pid, signal.SIGKILL)
-    wire.writer.write(("\n".join(lines) + "\n").encode())
     started = loop.time()
-    acked = []
+    acked: list = []
+    progress = asyncio.Event()
+
+    async def writer() -> None:
+        # Windowed pipelining: keep up to WINDOW commands in flight, written CHUNK at a time,
+        # so acknowledgements (and so the kill) spread over the whole burst.
+        for start in range(0, len(lines), CHUNK):
+            while start - len(acked) > WINDOW:
+                progress.clear()
+                await progress.wait()
+            wire.writer.write(("\n".join(lines[start:start + CHUNK]) + "\n").encode())
+            await wire.writer.drain()
+
+    sender = asyncio.ensure_future(writer())
     try:
         for m in meta:
             reply = await wire.line(timeout=30)
             assert reply.startswith("data:"), reply
             acked.append((*m, reply[5:]))
+            progress.set()
     except (ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
         assert kill_after is not None, "connection lost without a kill"
     finally:
+        sender.cancel()
+        try:
+            await sender
+        except (asyncio.CancelledError, ConnectionError, OSError, ssl.SSLError):
+            pass
         wire.close()
     elapsed = loop.time() - started
     if killer is not None:

@@ -290,7 +290,9 @@ def test_unpaired_session_closes_after_the_pairing_window(run, event_loop_kind):
     run(main())
 
 
-def test_after_the_window_the_session_ends_with_its_last_pair(run, event_loop_kind):
+def test_after_the_window_the_session_ends_with_its_last_pair(run, event_loop_kind, caplog):
+    caplog.set_level("INFO", logger="noports.relay")
+
     async def main():
         async with relay(pairing_timeout=0.3) as registry:
             o = await open_session(registry)
@@ -307,6 +309,12 @@ def test_after_the_window_the_session_ends_with_its_last_pair(run, event_loop_ki
             await asyncio.wait_for(o.session.wait_closed(), 2)
             assert o.session.close_reason == "ended"
             assert port_is_free(o.port_a) and port_is_free(o.port_b)
+            # one log line for the session: opened/paired/closed, bytes, duration
+            lines = [r.getMessage() for r in caplog.records
+                     if r.name == "noports.relay" and o.session.session_id in r.getMessage()]
+            assert len(lines) == 1, lines
+            assert "ended" in lines[0] and "first pair after" in lines[0]
+            assert "bytes A->B 10 B->A 0" in lines[0] and "duration" in lines[0]
 
     run(main())
 

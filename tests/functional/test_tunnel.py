@@ -24,7 +24,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -47,7 +47,7 @@ MiB = 1 << 20
 CLIENT, DAEMON = "@client", "@daemon"
 
 
-@lru_cache(maxsize=None)
+@cache
 def keys(atsign: str) -> AtKeys:
     return AtKeys.generate(atsign)
 
@@ -440,19 +440,18 @@ def test_50_concurrent_connections_are_paired_correctly(run, event_loop_kind):
 def test_no_encrypt_mode_carries_plaintext(run, event_loop_kind):
     async def main():
         target = await echo_server()
-        async with relay_session() as relay:
-            async with Tap(relay.port_a) as tap, tunnel(relay, target.port, encrypted=False,
+        async with relay_session() as relay, Tap(relay.port_a) as tap:
+            async with tunnel(relay, target.port, encrypted=False,
                               client_port=tap.port) as (client, daemon):
                 assert not client.encrypted and not daemon.encrypted
                 payload = b"plain as day " * 1000
                 assert await echo_roundtrip(client.local_port, payload) == payload
-                await until(lambda: len(tap.conns) == 2 and len(tap.conns[1].down) == len(payload),
-                            what="tap to see the echo")
+                await until(lambda: len(tap.conns) == 2
+                            and len(tap.conns[1].down) == len(payload), what="tap to see echo")
             control, data = tap.conns[0], tap.conns[1]
             assert bytes(control.up) == relay.line_a + b"connect:no:encrypt\n"
             assert bytes(data.up) == relay.line_a + payload
             assert bytes(data.down) == payload
-            await tap.close()
         target.close()
 
     run(main())
@@ -463,11 +462,10 @@ def test_relay_sees_only_ciphertext(run, event_loop_kind):
     key and IV of the connect: line, itself read by decrypting the control channel."""
     async def main():
         target = await echo_server(record=True)
-        async with relay_session() as relay:
-            tap = Tap(relay.port_a)
+        async with relay_session() as relay, Tap(relay.port_a) as tap:
             session_key, session_iv = generate_aes_key_b64(), generate_iv_b64()
             async with tunnel(relay, target.port, client_port=tap.port,
-                              keys_b64=(session_key, session_iv)) as (client, daemon):
+                              keys_b64=(session_key, session_iv)) as (client, _daemon):
                 payloads = [b"attack at dawn " * 4000, os.urandom(70_000)]
                 for payload in payloads:
                     assert await echo_roundtrip(client.local_port, payload) == payload
@@ -495,7 +493,6 @@ def test_relay_sees_only_ciphertext(run, event_loop_kind):
                 assert CtrStream(event.key_d2c, event.iv_d2c).update(cipher_down) == payload
             assert events[0].key_c2d != events[1].key_c2d      # a fresh key per connection
             assert bytes(target.received) == b"".join(payloads)
-            await tap.close()
         target.close()
 
     run(main())
@@ -504,21 +501,22 @@ def test_relay_sees_only_ciphertext(run, event_loop_kind):
 def test_control_channel_sliced_into_single_bytes(run, event_loop_kind):
     async def main():
         target = await echo_server()
-        async with relay_session() as relay:
-            tap = Tap(relay.port_a, slice_first=True)
+        async with relay_session() as relay, \
+                Tap(relay.port_a, slice_after=len(relay.line_a)) as tap:
             async with tunnel(relay, target.port, client_port=tap.port) as (client, daemon):
                 for i in range(3):
                     payload = os.urandom(1000 + i)
                     assert await echo_roundtrip(client.local_port, payload) == payload
                 assert daemon.stats.control_messages == 3
                 assert daemon.stats.connections_failed == 0
-            await tap.close()
+            # each connect: line (78 bytes) crossed the tap as 78 one-byte sends
+            assert len(tap.conns[0].up) == len(relay.line_a) + 3 * 78
         target.close()
 
     run(main(), timeout=90)
 
 
-# --- the daemon end, driven by hand ----------------------------------------------------------------
+# --- the daemon end, driven by hand ---------------------------------------------------------
 
 @contextlib.asynccontextmanager
 async def daemon_only(relay: Relay, target_port: int, key=None, iv=None, **kw):
@@ -678,7 +676,7 @@ def test_no_encrypt_connect_refused_in_an_encrypted_session(run, event_loop_kind
     run(main())
 
 
-# --- failures ---------------------------------------------------------------------------------------
+# --- failures ------------------------------------------------------------------------------
 
 def test_refusing_target_keeps_later_connections_paired(run, event_loop_kind):
     async def main():
