@@ -737,6 +737,59 @@ def test_relay_session_closed_mid_transfer(run, event_loop_kind):
     run(main())
 
 
+def test_owner_close_during_a_connection_storm_leaks_nothing(run, event_loop_kind):
+    """close() while local connections are at every stage (accepted, relay socket opening,
+    connect: sent, splicing): every socket of both ends is closed afterwards."""
+    async def main():
+        target = await echo_server()
+        async with relay_session() as relay:
+            baseline = fd_count()
+            key, iv = generate_aes_key_b64(), generate_iv_b64()
+            daemon = DaemonEnd(HOST, relay.port_b, relay.line_b, session_key=key,
+                               session_iv=iv, target_host=HOST, target_port=target.port)
+            await daemon.start()
+            client = ClientEnd(HOST, relay.port_a, relay.line_a, session_key=key,
+                               session_iv=iv, idle_timeout=60)
+            await client.start()
+            payload = os.urandom(50_000)
+            assert await echo_roundtrip(client.local_port, payload) == payload
+            socks = await asyncio.gather(*(local_connect(client.local_port) for _ in range(30)))
+            loop = asyncio.get_running_loop()
+            for sock in socks:
+                loop.create_task(loop.sock_sendall(sock, payload))
+            await until(lambda: client.stats.connections_total >= 5, what="some connections")
+            await client.close()
+            assert client.ended.reason == "closed"
+            assert (await asyncio.wait_for(daemon.wait_closed(), 10)).reason == "control_closed"
+            # every local connection ends: accepted ones are aborted, the rest refused or EOF
+            await asyncio.gather(*(asyncio.wait_for(recv_all(s), 10) for s in socks))
+            for sock in socks:
+                sock.close()
+            assert client.stats.connections_live == daemon.stats.connections_live == 0
+            await until(lambda: target.live == 0, what="target connections to close")
+            await until(lambda: fd_count() <= baseline, what=f"FDs back to {baseline}")
+        target.close()
+
+    run(main())
+
+
+def test_unacked_bytes_reports_what_the_peer_has_not_acknowledged(run, event_loop_kind):
+    from noports.tunnel.endpoint import auth_line_delivered, unacked_bytes
+
+    async def main():
+        a, b = await tcp_pair()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(a, b"x" * 1000)
+        await auth_line_delivered(a, limit=5)
+        assert unacked_bytes(a) == 0             # loopback ACKs at once, read or not
+        assert await loop.sock_recv(b, 2000) == b"x" * 1000
+        a.close()
+        b.close()
+        assert unacked_bytes(a) is None          # gone: the check is skipped, never fails
+
+    run(main())
+
+
 def test_idle_timeout_ends_both_ends(run, event_loop_kind):
     async def main():
         target = await echo_server()
