@@ -87,6 +87,7 @@ cdef bint _borrow_pipe(_Dir *d) noexcept:
     global _pool_pipes
     cdef int fds[2]
     cdef int cap
+    fds[0] = fds[1] = -1
     if _pool_pipes > 0:
         _pool_pipes -= 1
         d.pipe_r = _pool_pipe_r[_pool_pipes]

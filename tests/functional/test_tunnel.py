@@ -755,19 +755,26 @@ def test_owner_close_during_a_connection_storm_leaks_nothing(run, event_loop_kin
             assert await echo_roundtrip(client.local_port, payload) == payload
             socks = await asyncio.gather(*(local_connect(client.local_port) for _ in range(30)))
             loop = asyncio.get_running_loop()
-            for sock in socks:
-                loop.create_task(loop.sock_sendall(sock, payload))
+            senders = [loop.create_task(loop.sock_sendall(sock, payload)) for sock in socks]
             await until(lambda: client.stats.connections_total >= 5, what="some connections")
             await client.close()
             assert client.ended.reason == "closed"
             assert (await asyncio.wait_for(daemon.wait_closed(), 10)).reason == "control_closed"
             # every local connection ends: accepted ones are aborted, the rest refused or EOF
             await asyncio.gather(*(asyncio.wait_for(recv_all(s), 10) for s in socks))
+            await asyncio.gather(*senders, return_exceptions=True)
             for sock in socks:
                 sock.close()
             assert client.stats.connections_live == daemon.stats.connections_live == 0
             await until(lambda: target.live == 0, what="target connections to close")
-            await until(lambda: fd_count() <= baseline, what=f"FDs back to {baseline}")
+            try:
+                await until(lambda: fd_count() <= baseline, what=f"FDs back to {baseline}")
+            except AssertionError:
+                import subprocess as sp
+                print(sp.run(["ls", "-l", f"/proc/{os.getpid()}/fd"], capture_output=True, text=True).stdout)
+                print(sp.run(["ss", "-tanp"], capture_output=True, text=True).stdout[-6000:])
+                print(client.stats, daemon.stats, client._tasks, client._loose, daemon._tasks, daemon._loose, client._splices)
+                raise
         target.close()
 
     run(main())

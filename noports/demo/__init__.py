@@ -1,0 +1,1 @@
+"""Demonstrations that run the whole stack on this machine (the README's "main job")."""
