@@ -32,7 +32,8 @@ def rounds(default: int = 5) -> int:
     return 3 if quick() else default
 
 
-def interleaved(cases: dict[str, Callable[[], float]], n_rounds: int | None = None) -> dict[str, list[float]]:
+def interleaved(cases: dict[str, Callable[[], float]],
+                n_rounds: int | None = None) -> dict[str, list[float]]:
     """Run each case once per round, rotating the order each round; return samples per case.
 
     A case returns one figure (a rate, or a duration: the caller knows which)."""
@@ -59,7 +60,7 @@ def timed_rate(fn: Callable[[], int]) -> float:
 
 @dataclass
 class Comparison:
-    """One gated or reported ratio: ours / baseline (for rates; for latencies pass lower_is_better)."""
+    """One gated or reported ratio, ours / baseline (latencies: pass lower_is_better)."""
 
     suite: str
     name: str
@@ -86,8 +87,8 @@ class Comparison:
         tgt = ""
         if self.target is not None:
             tgt = f" (target {'<=' if self.lower_is_better else '>='} {self.target:g}x)"
-        return (f"{self.suite}/{self.name}: ours {self.ours:,.4g} {self.unit} vs {self.baseline_name} "
-                f"{self.baseline:,.4g} {self.unit} = {self.ratio:.3f}x{tgt}")
+        return (f"{self.suite}/{self.name}: ours {self.ours:,.4g} {self.unit} vs "
+                f"{self.baseline_name} {self.baseline:,.4g} {self.unit} = {self.ratio:.3f}x{tgt}")
 
 
 def record(comparison: Comparison, benchmark=None) -> Comparison:
@@ -104,8 +105,9 @@ def record(comparison: Comparison, benchmark=None) -> Comparison:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    data[f"{comparison.suite}/{comparison.name}"] = {**asdict(comparison), "ratio": comparison.ratio,
-                                                     "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    data[f"{comparison.suite}/{comparison.name}"] = {
+        **asdict(comparison), "ratio": comparison.ratio,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
     print(comparison.describe())
     return comparison

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ATSDK_VERSION = os.environ.get("NOPORTS_ATSDK_VERSION", "0.2.81")
-ATSDK_VENV = Path(os.environ.get("NOPORTS_ATSDK_VENV", Path.home() / ".cache" / "noports" / f"atsdk-{ATSDK_VERSION}"))
+ATSDK_VENV = Path(os.environ.get(
+    "NOPORTS_ATSDK_VENV", Path.home() / ".cache" / "noports" / f"atsdk-{ATSDK_VERSION}"))
 
 try:
     import uvloop
@@ -42,7 +43,9 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
 @pytest.fixture
 def run(request):
     """``run(coro, timeout=30)``: run on the loop named by ``event_loop_kind`` (default asyncio)."""
-    kind = request.getfixturevalue("event_loop_kind") if "event_loop_kind" in request.fixturenames else "asyncio"
+    kind = "asyncio"
+    if "event_loop_kind" in request.fixturenames:
+        kind = request.getfixturevalue("event_loop_kind")
     loop = _new_loop(kind)
 
     def _run(coro, timeout: float = 60.0):
@@ -68,7 +71,8 @@ def atsdk_python() -> Path:
         ATSDK_VENV.parent.mkdir(parents=True, exist_ok=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(ATSDK_VENV)
         proc = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"atsdk=={ATSDK_VERSION}"],
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             f"atsdk=={ATSDK_VERSION}"],
             capture_output=True, text=True, timeout=600,
         )
         if proc.returncode != 0:
@@ -80,7 +84,8 @@ def atsdk_python() -> Path:
     return py
 
 
-def run_atsdk(python: Path, script: str, *args: str, env: dict | None = None, timeout: float = 120.0):
+def run_atsdk(python: Path, script: str, *args: str, env: dict | None = None,
+              timeout: float = 120.0):
     """Run ``script`` (Python source) under the atsdk venv; return the CompletedProcess."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     full_env.update(env or {})

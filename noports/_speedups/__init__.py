@@ -22,7 +22,8 @@ _cache: dict[str, tuple[ModuleType, str]] = {}
 
 def extensions_disabled() -> bool:
     """True when ``NOPORTS_NO_EXTENSIONS`` asks for the pure twins."""
-    return os.environ.get("NOPORTS_NO_EXTENSIONS", "").strip().lower() not in ("", "0", "false", "no")
+    value = os.environ.get("NOPORTS_NO_EXTENSIONS", "").strip().lower()
+    return value not in ("", "0", "false", "no")
 
 
 def _select(name: str) -> tuple[ModuleType, str]:
