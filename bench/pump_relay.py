@@ -24,7 +24,7 @@ def _pump(impl: str, pipe_size: int | None):
     if impl == "pure":
         import noports._pure.relaypump as pump
         return pump
-    import noports._speedups.relaypump as pump   # the bench compares implementations directly
+    import noports._speedups.relaypump as pump  # the bench compares implementations directly
     pump._configure(use_splice=impl == "compiled", pipe_size=pipe_size)
     return pump
 

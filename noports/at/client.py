@@ -497,11 +497,12 @@ class AtClient:
         try:
             return decrypt_value(aes, cipher, iv)
         except ValueError:
-            if enc and n.from_atsign != self.atsign:
+            # A cached or stale key that no longer fits (the sender made a new one): ask the
+            # sender's atServer afresh, once.
+            fresh = await self.shared_keys.for_receiving(n.from_atsign, refresh=True)
+            if fresh == aes:
                 raise
-            # A cached or looked-up key that no longer fits: the sender made a new one.
-            aes = await self.shared_keys.for_receiving(n.from_atsign, refresh=True)
-            return decrypt_value(aes, cipher, iv)
+            return decrypt_value(fresh, cipher, iv)
 
     async def encrypt_for(self, recipient: str, value: str) -> tuple[str, Metadata]:
         """Encrypt ``value`` for ``recipient`` without sending; returns (cipher, metadata)."""

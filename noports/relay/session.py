@@ -74,7 +74,9 @@ class RelaySessions:
 
     def _refuse(self, reason: str, message: str) -> RelayRefused:
         self.stats.refuse(reason)
-        log.info("request refused (%s): %s", reason, message)
+        # DEBUG: the control plane logs refusals itself, rate-limited per reason, so that a
+        # request flood cannot turn into a log flood
+        log.debug("request refused (%s): %s", reason, message)
         return RelayRefused(reason, message)
 
     def check(self, request: RelayRequest, requester: str | None = None) -> None:

@@ -18,13 +18,14 @@ import logging
 import socket
 
 from noports.at.crypto import b64d, generate_aes_key_b64, generate_iv_b64
+from noports.at.stream import CtrStream
+from noports.tunnel.connecting import describe
 from noports.tunnel.control import encode_connect, encode_heartbeat, encode_no_encrypt
 from noports.tunnel.endpoint import (
     CONNECT_TIMEOUT,
     ControlProtocol,
     TunnelEnd,
     TunnelError,
-    _describe,
 )
 
 __all__ = ["ClientEnd"]
@@ -89,7 +90,7 @@ class ClientEnd(TunnelEnd):
             return None, None
         key, iv = self.session_keys
         # baseline: the same key and IV both ways, each direction with its own state
-        return self.pump.new_cipher(key, iv), self.pump.new_cipher(key, iv)
+        return CtrStream(key, iv), CtrStream(key, iv)
 
     async def start(self) -> int:
         """Open the control socket, bind the local port; return the local port."""
@@ -123,7 +124,7 @@ class ClientEnd(TunnelEnd):
                                         backlog=self.backlog)
         except OSError as exc:
             raise TunnelError(f"cannot listen on {self.bind_host}:{self.bind_port}: "
-                              f"{_describe(exc)}") from None
+                              f"{describe(exc)}") from None
         sock.setblocking(False)
         return sock
 
@@ -166,7 +167,7 @@ class ClientEnd(TunnelEnd):
         except (OSError, asyncio.TimeoutError) as exc:
             # no connect: line is sent for it, so the pairing of later connections is intact
             log.warning("client end: local connection from %s dropped: cannot open a socket "
-                        "to the relay: %s", peer, _describe(exc) or "timed out")
+                        "to the relay: %s", peer, describe(exc) or "timed out")
             conn.close()
             self._conn_finished(failed=True)
             return

@@ -19,6 +19,8 @@ import collections
 import logging
 import socket
 
+from noports.at.stream import CtrStream
+from noports.tunnel.connecting import connect_any, describe, resolve
 from noports.tunnel.control import (
     Connect,
     ControlMessageError,
@@ -31,9 +33,6 @@ from noports.tunnel.endpoint import (
     IDLE_GRACE,
     ControlProtocol,
     TunnelEnd,
-    _describe,
-    connect_any,
-    resolve,
 )
 
 __all__ = ["LEGACY_FLUSH_DELAY", "DaemonEnd"]
@@ -146,7 +145,7 @@ class DaemonEnd(TunnelEnd):
         if self.session_keys is None:
             return None, None
         key, iv = self.session_keys
-        return self.pump.new_cipher(key, iv), self.pump.new_cipher(key, iv)
+        return CtrStream(key, iv), CtrStream(key, iv)
 
     async def start(self) -> None:
         """Open the control socket to port B (auth line first) and start serving connect:s."""
@@ -219,7 +218,7 @@ class DaemonEnd(TunnelEnd):
                 target.add_done_callback(_close_result)
             self._conn_finished(failed=True)
             self._end("relay_unreachable", f"cannot open data socket {number} to the relay "
-                                           f"({_describe(exc) or 'timed out'}): later "
+                                           f"({describe(exc) or 'timed out'}): later "
                                            "connections could no longer be paired correctly")
             return False
         except BaseException:
@@ -251,7 +250,7 @@ class DaemonEnd(TunnelEnd):
                 if attempt == self.relay_attempts:
                     raise
                 log.warning("daemon end: data socket to the relay failed (%s), attempt %d of "
-                            "%d", _describe(exc) or "timed out", attempt, self.relay_attempts)
+                            "%d", describe(exc) or "timed out", attempt, self.relay_attempts)
                 await asyncio.sleep(self.relay_retry_delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -268,7 +267,7 @@ class DaemonEnd(TunnelEnd):
             plain = await target
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("daemon end: connection %d: target %s:%d refused or unreachable: %s",
-                        number, self.target_host, self.target_port, _describe(exc))
+                        number, self.target_host, self.target_port, describe(exc))
             relay.close()          # FIN: the client's paired socket sees EOF
             self._conn_finished(failed=True)
             return

@@ -1,14 +1,14 @@
-"""What both ends of a relayed tunnel share: reaching the relay, the keys, an end's lifecycle.
+"""What both ends of a relayed tunnel share: the keys, the control socket, an end's lifecycle.
 
-Owns: resolving the relay and opening a socket to one of its ports with the auth line written
-first (in clear, noports-protocol.md §5.3/§6); decoding the session key and IV (base64 text, as
-the daemon's response carries them); the control socket's Protocol skeleton (AES-256-CTR with
-the session key, one long-lived state per direction); and :class:`TunnelEnd`, the life of one
-end: started, open, closing, closed-with-a-reason, its counters, its idle timer and its data
-connections (each one a splice by the ``tunnelpump`` that ``noports._speedups`` selects).
+Owns: decoding the session key and IV (base64 text, as the daemon's response carries them); the
+control socket's Protocol skeleton (AES-256-CTR with the session key, one long-lived state per
+direction); and :class:`TunnelEnd`, the life of one end: started, open, closing,
+closed-with-a-reason, its counters, its idle timer and its data connections (each one a splice
+by the ``tunnelpump`` that ``noports._speedups`` selects).
 
-Not here: what the control messages say (``control.py``), which side does what
-(``client_end.py``, ``daemon_end.py``), the pump itself (``noports/_pure/tunnelpump.py``).
+Not here: opening TCP connections (``connecting.py``), what the control messages say
+(``control.py``), which side does what (``client_end.py``, ``daemon_end.py``), the pump itself
+(``noports/_pure/tunnelpump.py``).
 """
 
 from __future__ import annotations
@@ -17,25 +17,22 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
-import sys
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 
-if sys.platform.startswith("linux"):
-    import fcntl
-    import termios
-
-    # on a TCP socket, Linux's TIOCOUTQ (= SIOCOUTQ) counts bytes not yet acknowledged
-    _OUTQ: int | None = termios.TIOCOUTQ
-else:  # pragma: no cover - elsewhere the check is skipped
-    _OUTQ = None
-
 from noports._speedups import load as load_speedup
 from noports.at.crypto import b64d
+from noports.at.stream import CtrStream
 from noports.errors import NoPortsError
 from noports.relay.messages import AUTH_FAILED_LINE
+from noports.tunnel.connecting import (
+    auth_line_delivered,
+    connect_any,
+    connect_tcp,
+    describe,
+    keepalive,
+    resolve,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -53,8 +50,6 @@ log = logging.getLogger("noports.tunnel")
 CONNECT_TIMEOUT = 10.0
 #: Extra idle seconds the daemon end waits beyond the request's timeout (see DaemonEnd).
 IDLE_GRACE = 5.0
-#: How long a new relay socket waits for the previous one's auth line to be acknowledged.
-_DELIVERY_WAIT = 2.0
 #: How long a closing end lets its control socket flush before aborting it.
 _CONTROL_FLUSH = 2.0
 #: What the relay writes before closing a socket whose auth line it rejected, sans newline.
@@ -74,7 +69,8 @@ class TunnelEnded:
     ``control_reset`` (the control socket failed), ``relay_refused`` (the relay rejected the
     control socket's auth line), ``protocol_error`` (garbage on the control channel),
     ``relay_unreachable`` (daemon end: a data socket to the relay could not be opened, so the
-    pairing of later connections could no longer be trusted), ``start_failed``.
+    pairing of later connections could no longer be trusted), ``start_failed``,
+    ``internal_error`` (a bug: logged with its traceback).
     """
 
     reason: str
@@ -121,100 +117,24 @@ def _normalize_auth_line(line: bytes | str) -> bytes:
     return line if line.endswith(b"\n") else line + b"\n"
 
 
-async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[tuple]:
-    """``(family, sockaddr)`` for each TCP address of host:port, in resolver order."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    seen: list[tuple] = []
-    for family, _type, _proto, _canon, sockaddr in infos:
-        if (family, sockaddr) not in seen:
-            seen.append((family, sockaddr))
-    if not seen:
-        raise OSError(f"no address for {host}")
-    return seen
-
-
-async def connect_tcp(loop: asyncio.AbstractEventLoop, family: int, sockaddr: tuple,
-                      first: bytes = b"") -> socket.socket:
-    """A connected non-blocking socket with ``first`` written; closed again on any failure."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, sockaddr)
-        if first:
-            await loop.sock_sendall(sock, first)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def unacked_bytes(sock: socket.socket) -> int | None:
-    """Bytes written to a TCP socket that the peer has not acknowledged yet (Linux SIOCOUTQ:
-    unsent + unacked); None where the platform cannot say or the socket is gone."""
-    if _OUTQ is None or sock.fileno() < 0:
-        return None
-    try:
-        raw = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
-    except OSError:
-        return None
-    return struct.unpack("i", raw)[0]
-
-
-async def auth_line_delivered(sock: socket.socket | None, limit: float = _DELIVERY_WAIT) -> None:
-    """Wait (at most ``limit`` s) until the relay's TCP has acknowledged all we wrote on ``sock``.
-
-    Why: the relay pairs sockets in the order their auth lines *complete*.  Opening socket k+1
-    only once socket k's auth line has reached the relay keeps a lost-and-retransmitted auth
-    line from letting k+1 overtake k.  On a healthy path the ACK came back while k+1 was
-    connecting, so this costs nothing; where the kernel cannot tell us, it is skipped.
-    """
-    if sock is None:
-        return
-    deadline = time.monotonic() + limit
-    delay = 0.0005
-    while True:
-        left = unacked_bytes(sock)
-        if not left or time.monotonic() >= deadline:
-            return
-        await asyncio.sleep(delay)     # no event exists for "ACKed": poll, backing off
-        delay = min(delay * 2, 0.02)
-
-
-async def connect_any(loop: asyncio.AbstractEventLoop, addrs: list[tuple], timeout: float,
-                      first: bytes = b"") -> tuple[socket.socket, tuple]:
-    """Try each address in turn (each within ``timeout``); the socket and the address used."""
-    last: BaseException | None = None
-    for family, sockaddr in addrs:
-        try:
-            sock = await asyncio.wait_for(connect_tcp(loop, family, sockaddr, first), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            last = exc
-            continue
-        return sock, (family, sockaddr)
-    if isinstance(last, asyncio.TimeoutError):
-        raise OSError(f"timed out after {timeout:g} s")
-    raise last if last is not None else OSError("no address")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text
-
-
 class ControlProtocol(asyncio.Protocol):
     """The control socket: AES-256-CTR both ways when the session is encrypted.
 
-    Subclasses handle the plaintext (``plaintext_received``).  The first raw bytes are also
-    checked for the relay's plain-text ``Socket auth failed`` (a refusal the relay writes before
-    closing), which no encrypted stream can be mistaken for in practice.
+    Subclasses handle the plaintext (``plaintext_received``).  The first bytes received are
+    held back while they could still be the relay's plain-text ``Socket auth failed`` (what it
+    writes before closing a socket whose auth line it rejected); the moment they differ, they
+    go through the cipher like everything after them.  A ciphertext that begins with that
+    18-byte text does not happen in practice.
     """
 
-    def __init__(self, end: TunnelEnd, send_cipher, recv_cipher) -> None:
+    def __init__(self, end: TunnelEnd, send_cipher: CtrStream | None,
+                 recv_cipher: CtrStream | None) -> None:
         self.end = end
         self.send_cipher = send_cipher
         self.recv_cipher = recv_cipher
         self.transport: asyncio.Transport | None = None
-        self.head = bytearray()         # the first raw bytes received, for the refusal check
+        self.held: bytearray | None = bytearray()   # None once the refusal check is over
+        self.refused = False
         self.lost = False
         self.lost_event = asyncio.Event()
 
@@ -231,27 +151,27 @@ class ControlProtocol(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
-        if len(self.head) < len(_REFUSED):
-            self.head += data[:len(_REFUSED) - len(self.head)]
-            if self.relay_refused():
-                self.end._end("relay_refused", "the relay refused the control socket "
-                                               "(it answered 'Socket auth failed')")
-                return
+        if self.refused:
+            return
+        held = self.held
+        if held is not None:
+            held += data
+            if _REFUSED.startswith(bytes(held[:len(_REFUSED)])):
+                if len(held) >= len(_REFUSED):
+                    self.refused = True
+                    self.end._end("relay_refused", "the relay refused the control socket "
+                                                   "(it answered 'Socket auth failed')")
+                return      # still a prefix of the refusal: wait for the next bytes
+            self.held = None
+            data = bytes(held)
         plaintext = self.recv_cipher.update(data) if self.recv_cipher is not None else data
         self.plaintext_received(plaintext)
-
-    def relay_refused(self) -> bool:
-        return len(self.head) >= len(_REFUSED) and bytes(self.head).startswith(_REFUSED)
 
     def plaintext_received(self, data: bytes) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def eof_received(self) -> bool:
-        if self.relay_refused():
-            self.end._end("relay_refused", "the relay refused the control socket "
-                                           "(it answered 'Socket auth failed')")
-        else:
-            self.end._control_eof()
+        self.end._control_eof()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -259,7 +179,7 @@ class ControlProtocol(asyncio.Protocol):
         self.lost_event.set()
         if exc is not None:
             self.end._end("control_reset", f"the control socket to the relay failed: "
-                                           f"{_describe(exc)}")
+                                           f"{describe(exc)}")
         else:
             self.end._control_eof()
 
@@ -355,8 +275,8 @@ class TunnelEnd:
             sock, self._relay_addr = await connect_any(loop, addrs, self.connect_timeout,
                                                        self.auth_line)
         except OSError as exc:
-            raise TunnelError(f"cannot connect to the relay at {where}: {_describe(exc)}") from None
-        _keepalive(sock)
+            raise TunnelError(f"cannot connect to the relay at {where}: {describe(exc)}") from None
+        keepalive(sock)
         self._last_relay = sock
         send, recv = self._control_ciphers()
         proto = factory(self, send, recv)
@@ -401,8 +321,19 @@ class TunnelEnd:
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
         task = self._loop.create_task(coro)  # type: ignore[union-attr]
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, (OSError, asyncio.TimeoutError)):
+            # a bug, not a network event: say so loudly and end rather than limp on
+            log.error("%s: internal error in %s", type(self).__name__, task.get_coro(),
+                      exc_info=exc)
+            self._end("internal_error", f"internal error: {describe(exc)}")
 
     def _conn_started(self) -> None:
         self.stats.connections_total += 1
@@ -550,7 +481,7 @@ class TunnelEnd:
 
     async def _fail_start(self, exc: BaseException) -> None:
         """start() went wrong: close whatever was opened; the caller re-raises."""
-        message = _describe(exc)
+        message = describe(exc)
         if self._control is None:
             self.state = "closed"
             self.ended = TunnelEnded("start_failed", message)
@@ -561,15 +492,3 @@ class TunnelEnd:
         self._end("start_failed", message)
         if self._close_task is not None:
             await asyncio.shield(self._close_task)
-
-
-def _keepalive(sock: socket.socket) -> None:
-    """TCP keep-alive on the long-lived control socket, so a vanished peer is noticed."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError:
-        pass

@@ -323,17 +323,22 @@ def test_many_splices_at_once(run, event_loop_kind, impl):
     """20 live pairs on one loop, each with its own sizes: no cross-talk, all counted."""
     async def one(k):
         n_ab, n_ba = 1000 * k + 1, 3 * MiB - 777 * k
-        pair, pump = await spliced(impl, head_a=b"%d" % k)
+        head = b"%d" % k
+        pair, pump = await spliced(impl, head_a=head)
+
+        async def head_then_rest():
+            assert await recv_exactly(pair.b, len(head)) == head
+            return await recv_all(pair.b)
+
         try:
             sent_ab, sent_ba, got_b, got_a = await asyncio.gather(
                 send_stream(pair.a, n_ab, k), send_stream(pair.b, n_ba, 100 + k),
-                recv_all(pair.b), recv_all(pair.a))
+                head_then_rest(), recv_all(pair.a))
             result = await asyncio.wait_for(pump.wait(), 5)
         finally:
             pair.close_outer()
-        head = b"%d" % k
         assert got_a == (n_ba, sent_ba)
-        assert got_b[0] == n_ab + len(head)
+        assert got_b == (n_ab, sent_ab)
         assert (result.bytes_a_to_b, result.bytes_b_to_a) == (n_ab + len(head), n_ba)
 
     async def main():
@@ -589,7 +594,8 @@ async def push_until_stalled(sock, stall: float = 0.5, limit: float = 20.0) -> t
             n = sock.send(chunk)
         except BlockingIOError:
             writable = loop.create_future()
-            loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+            loop.add_writer(sock.fileno(),
+                            lambda w=writable: w.done() or w.set_result(None))
             try:
                 await asyncio.wait_for(writable, stall)
             except asyncio.TimeoutError:

@@ -53,7 +53,15 @@ def keys(atsign: str) -> AtKeys:
 
 
 def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """Open sockets of this process.  Only sockets: the compiled relay pump keeps a
+    process-wide pool of kernel pipes across sessions, which is not a leak."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass   # the listing's own descriptor, gone already
+    return count
 
 
 async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
@@ -731,7 +739,7 @@ def test_relay_session_closed_mid_transfer(run, event_loop_kind):
             await asyncio.wait_for(recv_all(sock), 5)
             sock.close()
             await until(lambda: target.live == 0, what="target connection to close")
-            await until(lambda: fd_count() <= baseline, what=f"FDs back to {baseline}")
+            await until(lambda: fd_count() <= baseline, what=f"sockets back to {baseline}")
         target.close()
 
     run(main())
@@ -739,9 +747,11 @@ def test_relay_session_closed_mid_transfer(run, event_loop_kind):
 
 def test_owner_close_during_a_connection_storm_leaks_nothing(run, event_loop_kind):
     """close() while local connections are at every stage (accepted, relay socket opening,
-    connect: sent, splicing): every socket of both ends is closed afterwards."""
+    connect: sent, splicing): every socket of both ends is closed afterwards, and every
+    socket at all once the relay session is gone."""
     async def main():
         target = await echo_server()
+        before = fd_count()
         async with relay_session() as relay:
             baseline = fd_count()
             key, iv = generate_aes_key_b64(), generate_iv_b64()
@@ -767,21 +777,18 @@ def test_owner_close_during_a_connection_storm_leaks_nothing(run, event_loop_kin
                 sock.close()
             assert client.stats.connections_live == daemon.stats.connections_live == 0
             await until(lambda: target.live == 0, what="target connections to close")
-            try:
-                await until(lambda: fd_count() <= baseline, what=f"FDs back to {baseline}")
-            except AssertionError:
-                import subprocess as sp
-                print(sp.run(["ls", "-l", f"/proc/{os.getpid()}/fd"], capture_output=True, text=True).stdout)
-                print(sp.run(["ss", "-tanp"], capture_output=True, text=True).stdout[-6000:])
-                print(client.stats, daemon.stats, client._tasks, client._loose, daemon._tasks, daemon._loose, client._splices)
-                raise
+            # the relay may still hold authenticated sockets of ours that never got a partner
+            # (opened just before the end closed); they are the relay's until its session ends
+            await until(lambda: fd_count() <= baseline + relay.session.queued("a")
+                        + relay.session.queued("b"), what="the ends' sockets to close")
+        await until(lambda: fd_count() <= before, what=f"sockets back to {before}")
         target.close()
 
     run(main())
 
 
 def test_unacked_bytes_reports_what_the_peer_has_not_acknowledged(run, event_loop_kind):
-    from noports.tunnel.endpoint import auth_line_delivered, unacked_bytes
+    from noports.tunnel.connecting import auth_line_delivered, unacked_bytes
 
     async def main():
         a, b = await tcp_pair()
@@ -1049,3 +1056,50 @@ def test_pump_close_aborts_both(run, event_loop_kind):
         far.close()
 
     run(main())
+
+
+def test_control_protocol_holds_back_a_possible_refusal_only_while_it_could_be_one():
+    """The relay's plain 'Socket auth failed' is recognised however it is split; ciphertext
+    that merely starts like it is decrypted from its very first byte."""
+    from noports.tunnel.endpoint import ControlProtocol
+
+    class End:
+        def __init__(self):
+            self.ended = None
+
+        def _end(self, reason, message):
+            self.ended = reason
+
+        def _control_eof(self):
+            self.ended = "control_closed"
+
+    class Recorder(ControlProtocol):
+        def __init__(self, end, send, recv):
+            super().__init__(end, send, recv)
+            self.plain = bytearray()
+
+        def plaintext_received(self, data):
+            self.plain += data
+
+    end = End()
+    proto = Recorder(end, None, None)
+    for i in range(len(b"Socket auth failed\n")):
+        proto.data_received(b"Socket auth failed\n"[i:i + 1])
+    assert end.ended == "relay_refused" and proto.plain == b""
+
+    end = End()
+    proto = Recorder(end, None, None)
+    for piece in (b"Sock", b"et", b" auth fine\n"):
+        proto.data_received(piece)
+    assert proto.plain == b"Socket auth fine\n" and end.ended is None
+
+    # a ciphertext that happens to begin with "Socket": held, then decrypted from byte 0
+    key, iv = os.urandom(32), os.urandom(16)
+    keystream = CtrStream(key, iv).update(bytes(40))
+    cipher = b"Socket" + os.urandom(34)
+    plain = bytes(a ^ b for a, b in zip(cipher, keystream, strict=True))
+    end = End()
+    proto = Recorder(end, None, CtrStream(key, iv))
+    for i in range(len(cipher)):
+        proto.data_received(cipher[i:i + 1])
+    assert proto.plain == plain and end.ended is None
