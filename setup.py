@@ -13,7 +13,9 @@ from setuptools import setup
 HERE = Path(__file__).parent
 
 #: Extra C libraries per compiled module (the AES pumps call OpenSSL's libcrypto in place).
-LIBRARIES: dict[str, list[str]] = {}
+LIBRARIES: dict[str, list[str]] = {
+    "tunnelpump": ["crypto"],
+}
 
 
 def _extensions():

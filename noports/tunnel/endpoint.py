@@ -255,9 +255,13 @@ class TunnelEnd:
     async def close(self, reason: str = "closed", message: str = "closed by its owner") -> None:
         """End now (idempotent); returns once every socket of this end is closed."""
         if self.state == "new":
-            self.state = "closed"
             self.ended = self.ended or TunnelEnded(reason, message)
-            self._set_closed()
+            if self._loop is None:          # never started: nothing to close
+                self.state = "closed"
+                self._set_closed()
+                return
+            # start() is running: it ends the end as soon as it has opened it (or fails)
+            await self.wait_closed()
             return
         self._end(reason, message)
         await self.wait_closed()

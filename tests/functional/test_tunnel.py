@@ -804,6 +804,72 @@ def test_unacked_bytes_reports_what_the_peer_has_not_acknowledged(run, event_loo
     run(main())
 
 
+def test_client_heartbeats_reach_the_daemon_and_are_ignored(run, event_loop_kind):
+    async def main():
+        target = await echo_server()
+        async with relay_session() as relay, \
+                tunnel(relay, target.port,
+                       client_kw={"heartbeat_interval": 0.02}) as (client, daemon):
+            await until(lambda: daemon.stats.control_messages >= 3, what="three heartbeats")
+            payload = os.urandom(10_000)
+            assert await echo_roundtrip(client.local_port, payload) == payload
+            assert client.heartbeats_sent >= 3
+            assert daemon.stats.connections_total == 1 and daemon.state == "open"
+        target.close()
+
+    run(main())
+
+
+def test_client_max_connections_queues_the_rest(run, event_loop_kind):
+    async def main():
+        target = await echo_server()
+        async with relay_session() as relay, \
+                tunnel(relay, target.port, client_kw={"max_connections": 2}) as (client, daemon):
+            first = [await local_connect(client.local_port) for _ in range(2)]
+            await until(lambda: daemon.stats.connections_live == 2, what="two connections")
+            third = asyncio.get_running_loop().create_task(
+                echo_roundtrip(client.local_port, b"third"))
+            # the third waits in the kernel's backlog: nothing reaches the daemon for it
+            assert not await _becomes_true(lambda: daemon.stats.connections_total > 2, 0.3)
+            first[0].close()
+            assert await asyncio.wait_for(third, 10) == b"third"
+            assert daemon.stats.connections_total == 3
+            first[1].close()
+        target.close()
+
+    run(main())
+
+
+async def _becomes_true(predicate, within: float) -> bool:
+    """Whether ``predicate`` turns true within ``within`` seconds (for things that must NOT)."""
+    try:
+        await until(predicate, timeout=within)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_close_while_starting_ends_cleanly(run, event_loop_kind):
+    async def main():
+        async with relay_session() as relay:
+            baseline = fd_count()
+            client = ClientEnd(HOST, relay.port_a, relay.line_a, session_key=None,
+                               session_iv=None)
+            loop = asyncio.get_running_loop()
+            starting = loop.create_task(client.start())
+            await asyncio.sleep(0)                    # let start() begin connecting
+            closing = loop.create_task(client.close())
+            port = await starting
+            await asyncio.wait_for(closing, 10)
+            assert client.closed and client.ended.reason == "closed"
+            with pytest.raises(OSError):
+                await local_connect(port)
+            await until(lambda: fd_count() <= baseline + relay.session.queued("a"),
+                        what="the end's sockets to close")
+
+    run(main())
+
+
 def test_idle_timeout_ends_both_ends(run, event_loop_kind):
     async def main():
         target = await echo_server()

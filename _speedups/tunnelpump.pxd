@@ -1,0 +1,78 @@
+# The compiled encrypting pump's design header: every C field of the splice, and the C it calls.
+#
+# A TunnelSplice joins a *plain* socket (the user's connection at npt, the target at npd) and a
+# *relay* socket whose bytes are AES-256-CTR (noports-protocol.md §6).  Each direction is one
+# _Dir: bytes are received into one reused block, put through that direction's cipher IN PLACE
+# (EVP on the receive buffer: no second buffer, no Python object per chunk), and sent from the
+# same block.  The event loop (uvloop or stock asyncio) only reports readiness of the two raw fds
+# (add_reader/add_writer); the callbacks are C loops in tunnelpump.pyx.
+#
+# Why this shape, in numbers (shared/spec/performance-notes.md, bench/test_bench_tunnelpump.py):
+# - a fresh >= 128 KiB buffer per chunk plus a fresh cipher output pushes glibc into mmap/munmap
+#   churn (a 256 KiB update() 35 -> 242 us, an encrypting chain 1.3 -> 0.6 GB/s): one block per
+#   direction, borrowed from a small pool while bytes wait in it, encrypted where it lies;
+# - a new cipher context per chunk costs ~35 % of AES throughput: one EVP context per direction
+#   for the whole connection, which also carries the keystream position across odd-sized reads;
+# - 256 KiB per recv is what the loops' own transports read and what made the relay pump's copy
+#   path match socat -b 131072.
+#
+# tunnelpump.pyx cimports this file as ``tunnelpump`` (it sits next to the .pyx), as relaypump
+# does: the sources live in the top-level _speedups/, not under the module's dotted path.  Only
+# C declarations live here, so the cimport costs no import at run time.
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int SHUT_WR
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK           # Cython's libc.errno lacks it (equal to EAGAIN on Linux)
+
+cdef extern from "tunnelpump_sys.h" nogil:
+    ctypedef struct EVP_CIPHER_CTX:
+        pass
+    int TP_MSG_NOSIGNAL
+    void tp_set_errno(int e)
+    EVP_CIPHER_CTX *tp_ctr_new(const unsigned char *key, const unsigned char *iv)
+    void tp_ctr_free(EVP_CIPHER_CTX *ctx)
+    int tp_ctr_crypt(EVP_CIPHER_CTX *ctx, const unsigned char *inp, unsigned char *out,
+                     size_t n)
+
+
+cdef struct _Ctr:
+    # the C half of one EvpCtr cipher object (a direction's AES-256-CTR state)
+    EVP_CIPHER_CTX *ctx       # long-lived: the keystream position is inside it
+    long long position        # bytes processed so far (CtrStream.position's meaning)
+
+
+cdef struct _Dir:
+    # -- who --
+    int index             # 0: plain -> relay (encrypts), 1: relay -> plain (decrypts)
+    int src_fd            # the socket this direction reads
+    int dst_fd            # the socket it writes
+    # -- the cipher: 0 none (copy), 1 our EVP state, 2 a foreign object's update_into --
+    int cipher_kind
+    _Ctr *ctr             # kind 1: inside the EvpCtr that TunnelSplice keeps alive
+    # -- what waits to go out, in order: the head bytes, then the block --
+    char *head            # already-read bytes, put through the cipher at start (owned copy)
+    Py_ssize_t head_len
+    Py_ssize_t head_off   # head bytes already sent
+    char *buf             # one READ_SIZE block, borrowed from the pool while bytes wait in it
+    Py_ssize_t buf_start  # unsent (already en/decrypted) bytes are buf[buf_start:buf_end]
+    Py_ssize_t buf_end
+    # -- progress and state --
+    long long forwarded   # bytes read from src (head included) and put through the cipher
+    bint src_eof          # src sent its FIN
+    bint eof_passed       # ... and, everything before it sent, dst got our FIN
+    bint reading          # add_reader(src_fd) is active
+    bint writing          # add_writer(dst_fd) is active
+
+
+cdef struct _State:
+    # the C half of a TunnelSplice (tunnelpump.pyx declares its Python-object fields next to it)
+    _Dir pr                   # plain -> relay
+    _Dir rp                   # relay -> plain
+    Py_ssize_t max_buffer     # at most this many bytes wait per direction (we hold one block)
+    bint started              # _start() has run: fds and callbacks are live
+    bint finished             # both sockets closed, result set
