@@ -134,6 +134,7 @@ class Worker:
         self._tasks: set[asyncio.Task] = set()
         self._last_sent: dict | None = None
         self._draining = False
+        self._done: asyncio.Event | None = None
 
     def _live_bytes(self) -> int:
         return sum(s.bytes_relayed - s.bytes_a_to_b - s.bytes_b_to_a
