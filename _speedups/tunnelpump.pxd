@@ -59,6 +59,7 @@ cdef struct _Dir:
     Py_ssize_t head_len
     Py_ssize_t head_off   # head bytes already sent
     char *buf             # one READ_SIZE block, borrowed from the pool while bytes wait in it
+    Py_ssize_t buf_cap    # its size (READ_SIZE unless tests/benchmarks reconfigured it)
     Py_ssize_t buf_start  # unsent (already en/decrypted) bytes are buf[buf_start:buf_end]
     Py_ssize_t buf_end
     # -- progress and state --

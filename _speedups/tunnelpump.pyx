@@ -171,25 +171,28 @@ cdef enum:
 
 cdef char *_pool_buf[_POOL_MAX]
 cdef int _pool_bufs = 0
+# The size of every block (pooled or lent); only _configure changes it (tests and benchmarks).
+cdef Py_ssize_t _block_size = _READ_SIZE
 
 
-cdef char *_borrow_buf() noexcept:
+cdef char *_borrow_buf(_Dir *d) noexcept:
     global _pool_bufs
+    d.buf_cap = _block_size
     if _pool_bufs > 0:
         _pool_bufs -= 1
         return _pool_buf[_pool_bufs]
-    return <char *>malloc(_READ_SIZE)
+    return <char *>malloc(_block_size)
 
 
 cdef void _return_buf(_Dir *d) noexcept:
     global _pool_bufs
     if d.buf == NULL:
         return
-    if _pool_bufs < _POOL_MAX:
+    if _pool_bufs < _POOL_MAX and d.buf_cap == _block_size:
         _pool_buf[_pool_bufs] = d.buf
         _pool_bufs += 1
     else:
-        free(d.buf)
+        free(d.buf)       # the pool is full, or the block size was reconfigured meanwhile
     d.buf = NULL
     d.buf_start = d.buf_end = 0
 
@@ -207,6 +210,19 @@ def _pool_clear():
 def _pool_size():
     """Pooled blocks now: for tests."""
     return _pool_bufs
+
+
+def _configure(block_size=None):
+    """Tests and benchmarks only: the receive block size (bytes per recv) of directions that
+    borrow a block afterwards.  Returns the previous ``(block_size,)``."""
+    global _block_size
+    previous = (_block_size,)
+    if block_size is not None:
+        if not 1 <= block_size <= 64 * 1024 * 1024:
+            raise ValueError(f"block_size out of range: {block_size}")
+        _block_size = int(block_size)
+        _pool_clear()      # pooled blocks have the old size
+    return previous
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -426,18 +442,18 @@ cdef class TunnelSplice:
                 return self._want(d, True, False)
             rounds += 1
             if d.buf == NULL:
-                d.buf = _borrow_buf()
+                d.buf = _borrow_buf(d)
                 if d.buf == NULL:
                     tp_set_errno(ENOMEM)
                     return self._fail("reset", _src_name(d))
-            n = recv(d.src_fd, d.buf, _READ_SIZE, 0)
+            n = recv(d.src_fd, d.buf, <size_t>d.buf_cap, 0)
             if n > 0:
                 # in place, before anything of it is sent: no second buffer, no Python object
                 self._crypt(d, d.buf, n)
                 d.buf_start = 0
                 d.buf_end = n
                 d.forwarded += n
-                short_read = n < _READ_SIZE
+                short_read = n < d.buf_cap
             elif n == 0:
                 d.src_eof = True
             elif _would_block(errno):

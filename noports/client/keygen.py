@@ -40,7 +40,7 @@ def _helper_main(fd: int) -> None:
         while view:
             view = view[os.write(fd, view):]
         code = 0
-    except BaseException:  # noqa: BLE001 - the helper must never fall back into the parent's code
+    except BaseException:
         code = 1
     finally:
         os._exit(code)

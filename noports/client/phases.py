@@ -39,9 +39,10 @@ __all__ = [
     "EXIT_CODES",
     "PHASES",
     "PhaseError",
+    "SessionKeys",
     "build_npt_request",
     "check_features",
-    "ended_outcome",
+    "ended_error",
     "new_client_nonce",
     "parse_relay_reply",
     "read_ping_response",
@@ -172,7 +173,7 @@ def build_npt_request(*, session_id: str, reply: RelayReply, remote_host: str,
         encrypt_rvd_traffic=encrypt,
         client_ephemeral_pk=ephemeral_public_b64,
         client_ephemeral_pk_type="rsa2048",
-        timeout_ms=int(round(timeout_s * 1000)),
+        timeout_ms=round(timeout_s * 1000),
     )
 
 
@@ -236,15 +237,16 @@ def read_response(value: str | None, *, daemon: str, daemon_key: RSAPublicKey,
     return SessionKeys(b64e(key), b64e(iv))
 
 
-def ended_outcome(ended: TunnelEnded | None) -> tuple[int, str | None]:
-    """How a running tunnel's end maps to npt's exit: ``(exit code, error message or None)``."""
+def ended_error(ended: TunnelEnded | None, *, started: bool = True) -> PhaseError | None:
+    """Why a tunnel's end is a failure, as the phase to blame; None for a normal end (its idle
+    timeout, or closed by npt itself).  ``started=False``: it ended before the port was
+    reported, so the tunnel phase failed."""
     if ended is None or ended.reason in ("idle", "closed"):
-        return 0, None
+        return None
     if ended.reason == "relay_refused":
-        err = PhaseError("tunnel", "the relay refused the client's socket (it answered "
-                                   "'Socket auth failed'): the relay session is gone or does "
-                                   "not accept this client's auth line")
-        return err.exit_code, str(err)
+        return PhaseError("tunnel", "the relay refused the client's socket (it answered "
+                                    "'Socket auth failed'): the relay session is gone or does "
+                                    "not accept this client's auth line")
     if ended.reason == "control_closed":
         msg = ("the tunnel's control connection was closed by the other side: the device "
                "daemon or the relay has stopped or ended the session")
@@ -253,8 +255,6 @@ def ended_outcome(ended: TunnelEnded | None) -> tuple[int, str | None]:
                "relay or the device daemon has gone")
     elif ended.reason == "protocol_error":
         msg = f"the tunnel's control channel carried garbage: {ended.message}"
-    elif ended.reason == "internal_error":
-        return 1, f"internal error in the tunnel: {ended.message}"
     else:
         msg = f"the tunnel ended: {ended}"
-    return PHASES["session"][0], str(PhaseError("session", msg))
+    return PhaseError("session" if started else "tunnel", msg)

@@ -3,11 +3,13 @@
 Owns the flags (Atsign's ``-a``, ``-i/--ip``, ``-m/--manager``, ``-k/--key-file``,
 ``--root-domain``, ``-v``, plus ours: ``--bind``, ``--ca-file``, ``--allow-unauthenticated``,
 ``--metrics-port``/``--metrics-host``, ``--pending-quota``, ``--drain-grace``,
-``--auth-timeout``, ``--pairing-timeout``, ``--version``), refusing configurations that would
-fail open (``-m ""``); raising RLIMIT_NOFILE; logging in; starting the metrics server and the
-control plane; and the signals: the first SIGTERM (or SIGINT) stops new sessions and lets live
-ones finish within ``--drain-grace`` before closing everything and exiting 0; a second one ends
-the live sessions at once.
+``--auth-timeout``, ``--pairing-timeout``, ``--workers``, ``--version``), refusing
+configurations that would fail open (``-m ""``); raising RLIMIT_NOFILE; logging in; starting
+the metrics server and the control plane; and the signals: the first SIGTERM (or SIGINT) stops
+new sessions and lets live ones finish within ``--drain-grace`` before closing everything and
+exiting 0; a second one ends the live sessions at once.  With ``--workers N`` (N > 1; 0 = one
+per core) the sessions run in N worker processes (``noports.relay.workers``) while this process
+keeps the control plane.
 
 Exit codes: 0 after a drain, 1 start-up failure (keys, login, bind), 2 bad flags.
 """
@@ -38,6 +40,7 @@ from noports.relay.messages import encode_reply_csv
 from noports.relay.metrics import MetricsServer
 from noports.relay.session import RelaySessions
 from noports.relay.stats import RelayStats
+from noports.relay.workers import WorkerPool, cpu_workers
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -59,6 +62,13 @@ def _positive(kind):
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -108,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = any free port; default: no metrics server)")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="address of the metrics server (default 127.0.0.1)")
+    p.add_argument("--workers", type=_non_negative_int, default=1, metavar="N",
+                   help="worker processes that run the sessions' data plane (default 1: all in "
+                        "this process; 0 = one per core); the control plane stays here")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging on stderr (-v info from every module, -vv debug)")
@@ -216,7 +229,7 @@ class _Signals:
             self.hurry.set()
 
 
-async def _drain(sessions: RelaySessions, control: RelayControl, grace: float,
+async def _drain(sessions: RelaySessions | WorkerPool, control: RelayControl, grace: float,
                  signals: _Signals) -> None:
     control.draining = True
     live = len(sessions)
@@ -227,6 +240,8 @@ async def _drain(sessions: RelaySessions, control: RelayControl, grace: float,
         await asyncio.wait({drain, hurry}, return_when=asyncio.FIRST_COMPLETED)
         if not drain.done():
             # abort every live pair: each session's close() then stops waiting at once
+            if isinstance(sessions, WorkerPool):
+                sessions.abort()
             for session in sessions.sessions():
                 for splice in session.splices():
                     splice.close()
@@ -234,6 +249,8 @@ async def _drain(sessions: RelaySessions, control: RelayControl, grace: float,
             if not done:
                 log.warning("sessions did not close within 0.3 s; exiting anyway")
                 drain.cancel()
+                if isinstance(sessions, WorkerPool):
+                    await sessions.kill()
     finally:
         hurry.cancel()
 
@@ -266,17 +283,29 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"srvd: cannot bind --bind {args.bind}: {exc}", file=sys.stderr, flush=True)
         return 1
     stats = RelayStats()
-    sessions = RelaySessions(
-        DataPlaneConfig(bind_host=args.bind, auth_timeout=args.auth_timeout,
-                        pairing_timeout=args.pairing_timeout),
-        allow_unauthenticated=args.allow_unauthenticated, pending_quota=args.pending_quota,
-        stats=stats)
+    config = DataPlaneConfig(bind_host=args.bind, auth_timeout=args.auth_timeout,
+                             pairing_timeout=args.pairing_timeout)
+    workers = cpu_workers(args.workers)
+    sessions: RelaySessions | WorkerPool
+    if workers > 1:
+        sessions = WorkerPool(workers, config, allow_unauthenticated=args.allow_unauthenticated,
+                              pending_quota=args.pending_quota, stats=stats,
+                              no_uvloop=args.no_uvloop, verbose=args.verbose)
+        try:
+            await sessions.start()
+        except (OSError, RuntimeError) as exc:
+            print(f"srvd: cannot start {workers} workers: {exc}", file=sys.stderr, flush=True)
+            return 1
+    else:
+        sessions = RelaySessions(config, allow_unauthenticated=args.allow_unauthenticated,
+                                 pending_quota=args.pending_quota, stats=stats)
     policy = ControlPolicy(args.atsign, manager=args.manager,
                            allow_unauthenticated=args.allow_unauthenticated,
                            pending_quota=args.pending_quota)
     client = AtClient(args.atsign, keys, root=args.root_domain, ca_file=args.ca_file)
     control = RelayControl(client, sessions, policy, address=args.ip)
     metrics: MetricsServer | None = None
+    render = sessions.render if isinstance(sessions, WorkerPool) else stats.render
     try:
         try:
             await client.connect()
@@ -286,7 +315,7 @@ async def serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             return 1
         if args.metrics_port is not None:
-            metrics = MetricsServer(lambda: stats.render() + control.render(),
+            metrics = MetricsServer(lambda: render() + control.render(),
                                     args.metrics_host, args.metrics_port)
             try:
                 await metrics.start()
@@ -299,10 +328,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signals, sig.name)
-        log.info("srvd %s ready: pid %d, advertising %s, binding %s, manager %s, %s%s",
+        log.info("srvd %s ready: pid %d, advertising %s, binding %s, manager %s, %s%s%s",
                  args.atsign, os.getpid(), args.ip, args.bind, args.manager or OPEN,
                  "unauthenticated requests allowed" if args.allow_unauthenticated
                  else "authenticated sessions only",
+                 f", {workers} workers" if workers > 1 else "",
                  f", metrics on {args.metrics_host}:{metrics.port}" if metrics else "")
         stop = asyncio.ensure_future(signals.stop.wait())
         try:
@@ -320,6 +350,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         await _shutdown(control, client, metrics)
+        if isinstance(sessions, WorkerPool):
+            await sessions.kill()     # none may outlive us (they are gone after a drain)
 
 
 def main(argv: list[str] | None = None) -> int:

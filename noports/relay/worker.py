@@ -195,8 +195,7 @@ class Worker:
         try:
             port_a, port_b = await session.start()
         except OSError as exc:
-            self.sessions.pop(sid, None)
-            self.stats.refuse("bind_failed")
+            self.sessions.pop(sid, None)     # the main process counts the refusal
             self.send({"t": "refused", "sid": sid, "reason": "bind_failed",
                        "message": f"session {sid}: cannot bind ports: {exc}"})
             return

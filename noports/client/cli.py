@@ -1,0 +1,284 @@
+"""``npt`` (``python -m noports.client``): the command line and process lifecycle of the client.
+
+Owns Atsign's npt flags (noports-protocol.md §9.1; ``-h`` is ``--remote-host`` as there, so help
+is ``--help`` only) plus ours (``--ca-file``, ``--local-host``, ``--version``, ``--no-uvloop``),
+checking them before anything touches the network, the exit codes (listed in ``--help``, from
+``phases.EXIT_CODES``), the event loop, the signals, and the two ways to run:
+
+* foreground (default): progress on stderr, the local port alone on stdout once the tunnel is
+  up, then run until Ctrl-C/SIGTERM (exit 0) or until the tunnel ends (idle: exit 0; the relay
+  or the daemon gone: a message naming the phase, non-zero);
+* ``-x``: the same session in a detached background process (``detach.py``); this process
+  prints the port alone on the last line of stdout and exits 0 once the tunnel is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from noports import __version__
+from noports._speedups import describe
+from noports.at.atkeys import default_keys_path
+from noports.at.names import normalize_atsign, validate_device_name
+from noports.at.root import DEFAULT_ROOT, parse_root_address
+from noports.client import debug
+from noports.client.detach import Handoff, run_detached
+from noports.client.keygen import EphemeralKey
+from noports.client.phases import EXIT_CODES, PhaseError, ended_error
+from noports.client.session import NptSession, Progress, SessionOptions
+from noports.errors import InvalidAtSignError, InvalidDeviceNameError, NoPortsError
+from noports.messages import MessageError, parse_duration
+
+__all__ = ["build_parser", "main", "options_from_args", "parse_args"]
+
+log = logging.getLogger("noports.client")
+
+EXIT_INTERRUPTED = 130
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}") from None
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except MessageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+
+def _epilog() -> str:
+    lines = ["exit codes:"]
+    lines += [f"  {code:>3}  {what}" for code, what in EXIT_CODES]
+    lines += [
+        "",
+        "The tunnel's local port is printed alone on stdout (with -x: the last line); progress",
+        "and errors go to stderr.  Every error names the phase that failed.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="npt", add_help=False, formatter_class=_HelpFormatter, epilog=_epilog(),
+        description="NoPorts tunnel: reach a TCP port on a device's network through a relay, "
+                    "with no inbound port open on the device.  Asks the relay (-r) for a "
+                    "session, asks the device daemon (-t, -d) to connect it to -h:-p, and "
+                    "listens on a local port that leads there.")
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("-f", "--from", dest="client", required=True, metavar="@CLIENT",
+                   help="the client atSign (yours)")
+    p.add_argument("-t", "--to", dest="daemon", required=True, metavar="@DAEMON",
+                   help="the device daemon's atSign")
+    p.add_argument("-r", "--srvd", dest="relay", required=True, metavar="@RELAY",
+                   help="the relay's atSign")
+    p.add_argument("-d", "--device", required=True, help="the device name")
+    p.add_argument("-p", "--remote-port", "--rp", dest="remote_port", required=True, type=_port,
+                   metavar="PORT", help="the port to reach on the device's network")
+    p.add_argument("-h", "--remote-host", "--rh", dest="remote_host", default="localhost",
+                   metavar="HOST", help="the host to reach, as the device sees it "
+                                        "(default localhost)")
+    p.add_argument("-l", "--local-port", "--lp", dest="local_port", type=_port, default=0,
+                   metavar="PORT", help="local port to listen on (default 0: any free port)")
+    p.add_argument("--local-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="local address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("-k", "--key-file", "--keyFile", dest="key_file", type=Path,
+                   help="the client's .atKeys (default ~/.atsign/keys/<@client>_key.atKeys)")
+    p.add_argument("--root-domain", default=DEFAULT_ROOT, metavar="HOST[:PORT]",
+                   help=f"atDirectory (root) server (default {DEFAULT_ROOT})")
+    p.add_argument("--ca-file", default=os.environ.get("NOPORTS_CA_FILE") or None,
+                   help="PEM bundle to trust for atServer TLS instead of the system store "
+                        "(default $NOPORTS_CA_FILE)")
+    p.add_argument("--daemon-ping-timeout", "--dpt", dest="daemon_ping_timeout",
+                   type=_seconds, default=20.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's ping response (default 20)")
+    p.add_argument("-x", "--exit-when-connected", action="store_true",
+                   help="once the tunnel is up, print its port, leave it running in the "
+                        "background (until -T idle time passes) and exit")
+    p.add_argument("-T", "--timeout", type=_duration, default=30, metavar="DURATION",
+                   help="idle timeout: the tunnel closes after this long without "
+                        "connections; 30s, 1h, 1h,14m,30s, 7d; 0 = 365 days (default 30s)")
+    p.add_argument("--encrypt-rvd-traffic", "--et", dest="encrypt",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="encrypt the traffic end to end through the relay (default on)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log on stderr (-v info, -vv debug)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the noports version and the data-plane implementation, exit")
+    return p
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"npt (noports) {__version__}\n{describe()}\n")
+        sys.stdout.flush()
+        parser.exit(0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; exits 2 with a message for anything wrong."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, flag in (("client", "-f/--from"), ("daemon", "-t/--to"), ("relay", "-r/--srvd")):
+        try:
+            setattr(args, name, normalize_atsign(getattr(args, name)))
+        except InvalidAtSignError as exc:
+            parser.error(f"{flag}: {exc}")
+    try:
+        args.device = validate_device_name(args.device)
+    except InvalidDeviceNameError as exc:
+        parser.error(f"-d/--device: {exc}")
+    if args.remote_port == 0:
+        parser.error("-p/--remote-port: must be 1..65535")
+    host = args.remote_host.strip()
+    if not host or any(ch.isspace() or ch == "," for ch in host):
+        parser.error(f"-h/--remote-host: not a host name: {args.remote_host!r}")
+    args.remote_host = host
+    try:
+        parse_root_address(args.root_domain, default_port=64)
+    except ValueError as exc:
+        parser.error(f"--root-domain: {exc}")
+    if args.key_file is None:
+        args.key_file = default_keys_path(args.client)
+    return args
+
+
+def options_from_args(args: argparse.Namespace) -> SessionOptions:
+    return SessionOptions(
+        client=args.client, daemon=args.daemon, relay=args.relay, device=args.device,
+        remote_port=args.remote_port, remote_host=args.remote_host,
+        local_port=args.local_port, local_host=args.local_host, key_file=args.key_file,
+        root_domain=args.root_domain, ca_file=args.ca_file,
+        daemon_ping_timeout=args.daemon_ping_timeout, timeout_s=args.timeout,
+        encrypt=args.encrypt)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _serve(opts: SessionOptions, progress: Progress, ephemeral: EphemeralKey,
+                 handoff: Handoff | None) -> int:
+    """One session from set-up to its end; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    session = NptSession(opts, progress, ephemeral=ephemeral)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        setup = asyncio.ensure_future(session.establish())
+        await asyncio.wait({setup, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not setup.done():
+            setup.cancel()
+            await asyncio.gather(setup, return_exceptions=True)
+            progress.error("interrupted before the tunnel was up")
+            return EXIT_INTERRUPTED
+        try:
+            port = setup.result()
+        except PhaseError as exc:
+            progress.error(str(exc))
+            return exc.exit_code
+        progress.step("ready", f"tunnel up in {progress.elapsed_ms():.0f} ms: connect to "
+                               f"{opts.local_host}:{port}")
+        try:
+            if handoff is not None:
+                handoff.ready(port)
+            else:
+                sys.stdout.write(f"{port}\n")
+                sys.stdout.flush()
+        except OSError as exc:
+            # nobody will ever learn the port: do not leave a tunnel nobody can use
+            log.warning("cannot report the port (%s); closing the session", exc)
+            return 1
+        closed = asyncio.ensure_future(session.wait_closed())
+        await asyncio.wait({closed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not closed.done():
+            closed.cancel()
+            progress.step("session", "stopping on request")
+            return 0
+        ended = closed.result()
+        err = ended_error(ended)
+        if err is not None:
+            progress.error(str(err))
+            return err.exit_code
+        progress.step("session", f"closed: {ended.message if ended else 'done'}")
+        return 0
+    finally:
+        stopper.cancel()
+        await session.close()
+
+
+def _new_loop(no_uvloop: bool) -> asyncio.AbstractEventLoop:
+    if not no_uvloop:
+        try:
+            import uvloop
+            return uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - platforms without uvloop
+            pass
+    return asyncio.new_event_loop()
+
+
+def _run(args: argparse.Namespace, handoff: Handoff | None) -> int:
+    """Run one session in this process (foreground, or the -x runner)."""
+    opts = options_from_args(args)
+    progress = Progress(quiet=args.quiet)
+    # forked now, while this process has no threads and no loop (see keygen.py)
+    ephemeral = EphemeralKey.start()
+    debug.install_connection_hook()
+    loop = _new_loop(args.no_uvloop)
+    try:
+        return loop.run_until_complete(_serve(opts, progress, ephemeral, handoff))
+    except NoPortsError as exc:            # pragma: no cover - every phase maps its own errors
+        progress.error(str(exc))
+        return 1
+    except Exception as exc:
+        log.error("internal error", exc_info=exc)
+        progress.error(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        ephemeral.close()
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.exit_when_connected:
+        return run_detached(lambda handoff: _run(args, handoff), quiet=args.quiet)
+    return _run(args, None)
