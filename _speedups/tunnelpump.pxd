@@ -13,8 +13,9 @@
 #   direction, borrowed from a small pool while bytes wait in it, encrypted where it lies;
 # - a new cipher context per chunk costs ~35 % of AES throughput: one EVP context per direction
 #   for the whole connection, which also carries the keystream position across odd-sized reads;
-# - 256 KiB per recv is what the loops' own transports read and what made the relay pump's copy
-#   path match socat -b 131072.
+# - 1 MiB per recv (the twin, like the loops' transports, reads 256 KiB): the pump's CPU per GB
+#   fell from 0.475 s (256 KiB) to 0.391 s (1 MiB) against the twin's 0.540 s; the block still
+#   fits one core's L2 between recv, AES pass and send (measurements in tunnelpump.pyx).
 #
 # tunnelpump.pyx cimports this file as ``tunnelpump`` (it sits next to the .pyx), as relaypump
 # does: the sources live in the top-level _speedups/, not under the module's dotted path.  Only
@@ -58,8 +59,8 @@ cdef struct _Dir:
     char *head            # already-read bytes, put through the cipher at start (owned copy)
     Py_ssize_t head_len
     Py_ssize_t head_off   # head bytes already sent
-    char *buf             # one READ_SIZE block, borrowed from the pool while bytes wait in it
-    Py_ssize_t buf_cap    # its size (READ_SIZE unless tests/benchmarks reconfigured it)
+    char *buf             # one block, borrowed from the pool while bytes wait in it
+    Py_ssize_t buf_cap    # its size (_State.block_size when it was borrowed)
     Py_ssize_t buf_start  # unsent (already en/decrypted) bytes are buf[buf_start:buf_end]
     Py_ssize_t buf_end
     # -- progress and state --
@@ -75,5 +76,6 @@ cdef struct _State:
     _Dir pr                   # plain -> relay
     _Dir rp                   # relay -> plain
     Py_ssize_t max_buffer     # at most this many bytes wait per direction (we hold one block)
+    Py_ssize_t block_size     # bytes per recv: 1 MiB, or max_buffer if that is smaller
     bint started              # _start() has run: fds and callbacks are live
     bint finished             # both sockets closed, result set

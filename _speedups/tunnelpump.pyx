@@ -11,7 +11,7 @@ parses what it carries.  The same tests run on both (tests/functional/test_tunne
 
 How: the event loop (uvloop or stock asyncio) only reports readiness of the two raw fds
 (``add_reader``/``add_writer``); the callbacks are C loops.  Each direction receives into one
-256 KiB block, runs OpenSSL's EVP AES-256-CTR over it in place (one long-lived EVP context per
+1 MiB block, runs OpenSSL's EVP AES-256-CTR over it in place (one long-lived EVP context per
 direction, so the keystream position carries across reads of any size), and sends from the same
 block, waiting for writability on a partial send with the source not read meanwhile.  No Python
 object is made per chunk.  Unlike the relay pump there is no splice(2): the tunnel must see the
@@ -69,17 +69,25 @@ __all__ = [
 
 #: Bytes buffered per direction at most (Atsign's socket_connector 2.6.0 uses 4 MiB too).
 MAX_BUFFER = 4 * 1024 * 1024
-#: Largest single read (asyncio's and uvloop's own transports read 256 KiB; so does the twin).
+#: The pure twin's largest single read, kept for the API: the smallest max_buffer is two of it.
+#: (This pump reads up to _BLOCK_SIZE, 1 MiB, per call; see below.)
 READ_SIZE = 256 * 1024
 
 cdef enum:
-    _READ_SIZE = 262144      # READ_SIZE as a C constant
     _KEY_BYTES = 32
     _IV_BYTES = 16
+    # Bytes per recv (one block per busy direction).  READ_SIZE above is the twin's figure and
+    # the API's (the smallest max_buffer is two of it); this pump reads more per call because it
+    # measured cheaper: pump CPU per GB, one encrypted stream, medians of 7 interleaved rounds on
+    # this 2-vCPU box (bench/test_bench_tunnelpump.py's stream(), with _configure(block_size=)):
+    # 256 KiB 0.475 s, 512 KiB 0.466 s, 1 MiB 0.391 s (the pure twin 0.540 s).  Throughput was
+    # within the noise of the box, which other jobs shared.  A 1 MiB block still sits in one core's 2 MiB L2 between
+    # the recv that fills it, the AES pass and the send that empties it.
+    _BLOCK_SIZE = 1048576
 
 # At most this many receive/encrypt/send rounds per callback before yielding to the loop, so one
-# busy direction cannot starve the other connections of the process (8 rounds = up to 2 MiB).
-cdef int _MAX_ROUNDS = 8
+# busy direction cannot starve the other connections of the process (4 rounds = up to 4 MiB).
+cdef int _MAX_ROUNDS = 4
 
 
 # -- the ciphers ----------------------------------------------------------------------------------
@@ -167,21 +175,22 @@ def new_cipher(key, iv):
 # busy one reuses the same hot memory (never a fresh malloc per chunk: the glibc trap).  Borrow
 # and return are array operations with the GIL held (every callback holds it).
 cdef enum:
-    _POOL_MAX = 32
+    _POOL_MAX = 16           # at most 16 MiB kept for reuse
 
 cdef char *_pool_buf[_POOL_MAX]
 cdef int _pool_bufs = 0
-# The size of every block (pooled or lent); only _configure changes it (tests and benchmarks).
-cdef Py_ssize_t _block_size = _READ_SIZE
+# The size of pooled blocks; only _configure changes it (tests and benchmarks).  A splice whose
+# max_buffer is smaller uses blocks of max_buffer bytes, malloc'd and freed outside the pool.
+cdef Py_ssize_t _block_size = _BLOCK_SIZE
 
 
-cdef char *_borrow_buf(_Dir *d) noexcept:
+cdef char *_borrow_buf(_Dir *d, Py_ssize_t size) noexcept:
     global _pool_bufs
-    d.buf_cap = _block_size
-    if _pool_bufs > 0:
+    d.buf_cap = size
+    if _pool_bufs > 0 and size == _block_size:
         _pool_bufs -= 1
         return _pool_buf[_pool_bufs]
-    return <char *>malloc(_block_size)
+    return <char *>malloc(size)
 
 
 cdef void _return_buf(_Dir *d) noexcept:
@@ -192,7 +201,7 @@ cdef void _return_buf(_Dir *d) noexcept:
         _pool_buf[_pool_bufs] = d.buf
         _pool_bufs += 1
     else:
-        free(d.buf)       # the pool is full, or the block size was reconfigured meanwhile
+        free(d.buf)       # the pool is full, or not a pool-sized block
     d.buf = NULL
     d.buf_start = d.buf_end = 0
 
@@ -213,8 +222,8 @@ def _pool_size():
 
 
 def _configure(block_size=None):
-    """Tests and benchmarks only: the receive block size (bytes per recv) of directions that
-    borrow a block afterwards.  Returns the previous ``(block_size,)``."""
+    """Tests and benchmarks only: the block size (bytes per recv) of splices made afterwards.
+    Returns the previous ``(block_size,)``."""
     global _block_size
     previous = (_block_size,)
     if block_size is not None:
@@ -278,6 +287,8 @@ cdef class TunnelSplice:
             raise ValueError(f"max_buffer must be at least {2 * READ_SIZE} bytes")
         self.loop = loop
         self.s.max_buffer = max_buffer
+        # one block is all a direction holds (beyond head bytes): never more than max_buffer
+        self.s.block_size = min(_block_size, max_buffer)
         self._encrypt = encrypt
         self._decrypt = decrypt
         _set_cipher(&self.s.pr, encrypt)
@@ -305,9 +316,6 @@ cdef class TunnelSplice:
 
     def __dealloc__(self):
         self._release_c()
-        free(self.s.pr.head)
-        free(self.s.rp.head)
-        self.s.pr.head = self.s.rp.head = NULL
 
     # -- public surface (the pure twin's) --
     @property
@@ -415,7 +423,7 @@ cdef class TunnelSplice:
             return 0   # a callback the loop had already queued when the splice ended
         while True:
             # What waits goes first (head bytes, then the block): order is kept and at most one
-            # read's worth (READ_SIZE) beyond the head is ever held per direction.
+            # block (<= max_buffer) beyond the head is ever held per direction.
             r = _drain(d)
             if r < 0:
                 return self._fail("reset", _dst_name(d))
@@ -442,7 +450,7 @@ cdef class TunnelSplice:
                 return self._want(d, True, False)
             rounds += 1
             if d.buf == NULL:
-                d.buf = _borrow_buf(d)
+                d.buf = _borrow_buf(d, self.s.block_size)
                 if d.buf == NULL:
                     tp_set_errno(ENOMEM)
                     return self._fail("reset", _src_name(d))
@@ -538,8 +546,8 @@ cdef class TunnelSplice:
         # blocks back to the pool; unsent head bytes dropped (the counts are kept)
         _return_buf(&self.s.pr)
         _return_buf(&self.s.rp)
-        self.s.pr.head_off = self.s.pr.head_len
-        self.s.rp.head_off = self.s.rp.head_len
+        _drop_head(&self.s.pr)
+        _drop_head(&self.s.rp)
 
 
 cdef int _set_cipher(_Dir *d, cipher) except -1:
@@ -555,6 +563,12 @@ cdef int _set_cipher(_Dir *d, cipher) except -1:
     return 0
 
 
+cdef void _drop_head(_Dir *d) noexcept:
+    d.head_off = d.head_len
+    free(d.head)
+    d.head = NULL
+
+
 cdef int _drain(_Dir *d) noexcept:
     """Send what waits in ``d``: 0 all sent, 1 dst would block, -1 dst failed (errno)."""
     cdef ssize_t n
@@ -567,6 +581,9 @@ cdef int _drain(_Dir *d) noexcept:
             continue
         else:
             return 1 if n < 0 and _would_block(errno) else -1
+    if d.head != NULL:
+        free(d.head)          # all sent: a big head must not live as long as the connection
+        d.head = NULL
     while d.buf_end > d.buf_start:
         n = send(d.dst_fd, d.buf + d.buf_start, <size_t>(d.buf_end - d.buf_start),
                  TP_MSG_NOSIGNAL)

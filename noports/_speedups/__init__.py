@@ -15,7 +15,7 @@ from types import ModuleType
 
 #: Names that have (or will have) both a compiled module and a pure twin.  Each entry must
 #: exist as ``noports/_pure/<name>.py``; the compiled one may be missing (pure build).
-MODULES: tuple[str, ...] = ("relaypump",)
+MODULES: tuple[str, ...] = ("relaypump", "tunnelpump")
 
 _cache: dict[str, tuple[ModuleType, str]] = {}
 

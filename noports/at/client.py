@@ -19,8 +19,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import ssl
-import uuid
 import weakref
 from collections.abc import Callable
 
@@ -96,6 +96,16 @@ def _meta_iv(meta: dict | None) -> str | None:
 def _meta_text(meta: dict | None, name: str) -> str | None:
     value = (meta or {}).get(name)
     return value if isinstance(value, str) and value and value != "null" else None
+
+
+def new_notification_id() -> str:
+    """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` -- without building a UUID
+    object, which costs several times more on the notify path."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40          # version 4
+    b[8] = (b[8] & 0x3F) | 0x80          # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def notify_line(nid: str, operation: str, ttln: int | None, md: Metadata, key: AtKey,
@@ -253,7 +263,9 @@ class AtClient:
         """Send one command (a ``noports.at.commands`` object or a raw line); return the
         ``data:`` payload.  AtServerError for ``error:`` replies."""
         line = command if isinstance(command, str) else encode_command(command)
-        conn = await self._connection()
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            conn = await self._connection()
         return await conn.send(line, self.request_timeout if timeout is None else timeout)
 
     def _key(self, key: AtKey | str) -> AtKey:
@@ -348,10 +360,14 @@ class AtClient:
             encrypt = value is not None and akey.kind != "public"
         if encrypt and value is not None:
             recipient = akey.shared_with or akey.owner
-            value = await self._encrypt_shared(recipient, value, md)
+            shared = self.shared_keys
+            out = shared.cached_for_sending(recipient)
+            if out is None:
+                out = await shared.for_sending(recipient)
+            value = self._seal(out, value, md)
         elif value is not None and akey.kind != "public" and md.is_encrypted is None:
             md.is_encrypted = False   # the server assumes encrypted unless told otherwise
-        nid = id or str(uuid.uuid4())
+        nid = id or new_notification_id()
         if (encrypt and value is not None and id is None and metadata is None and not options
                 and akey.kind in ("shared", "self") and operation in ("update", "delete")
                 and all(v is None or type(v) is int for v in (ttln, ttl, ttr))
@@ -373,13 +389,17 @@ class AtClient:
     # ---- encrypted values -------------------------------------------------------------------
 
     async def _encrypt_shared(self, recipient: str, value: str, md: Metadata) -> str:
-        out = await self.shared_keys.for_sending(recipient)
+        return self._seal(await self.shared_keys.for_sending(recipient), value, md)
+
+    def _seal(self, out, value: str, md: Metadata) -> str:
+        """Encrypt ``value`` with the shared key ``out`` (an OutgoingKey) and a fresh IV; fill
+        the metadata that lets the recipient decrypt it."""
         iv = generate_iv_b64()
         md.is_encrypted = True
         md.iv_nonce = iv
         md.shared_key_enc = out.shared_key_enc
         md.pub_key_cs = out.pub_key_cs
-        return encrypt_value(out.aes_key, value, iv)
+        return self.shared_keys.cipher(out.aes_key).encrypt(value, iv)
 
     async def put(self, key: AtKey | str, value: str, *, ttl: int | None = None,
                   ttr: int | None = None, ccd: bool | None = None,
@@ -491,18 +511,19 @@ class AtClient:
         enc = _meta_text(meta, "sharedKeyEnc")
         cs = _meta_text(meta, "pubKeyCS")
         cipher = n.raw.get("value")
-        aes = self.shared_keys.cached_for_receiving(n.from_atsign, enc, cs)
+        shared = self.shared_keys
+        aes = shared.cached_for_receiving(n.from_atsign, enc, cs)
         if aes is None:
-            aes = await self.shared_keys.for_receiving(n.from_atsign, enc, cs)
+            aes = await shared.for_receiving(n.from_atsign, enc, cs)
         try:
-            return decrypt_value(aes, cipher, iv)
+            return shared.cipher(aes).decrypt(cipher, iv)
         except ValueError:
             # A cached or stale key that no longer fits (the sender made a new one): ask the
             # sender's atServer afresh, once.
-            fresh = await self.shared_keys.for_receiving(n.from_atsign, refresh=True)
+            fresh = await shared.for_receiving(n.from_atsign, refresh=True)
             if fresh == aes:
                 raise
-            return decrypt_value(fresh, cipher, iv)
+            return shared.cipher(fresh).decrypt(cipher, iv)
 
     async def encrypt_for(self, recipient: str, value: str) -> tuple[str, Metadata]:
         """Encrypt ``value`` for ``recipient`` without sending; returns (cipher, metadata)."""

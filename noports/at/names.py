@@ -39,6 +39,20 @@ _PREFIX_KINDS = (("public:", "public"), ("private:", "private"),
 _ENTITY_ASCII_EXTRA = frozenset(".-_'*\"")
 _ATSIGN_ASCII_EXTRA = frozenset("-_")
 
+# Fast paths: the plain-ASCII names nearly every atSign and key uses, checked by one regex
+# instead of a Python call per character.  They accept exactly what the per-character rules
+# accept for such strings (ASCII letters/digits plus the extras above); anything else -- non-ASCII,
+# or a character that may be refused -- goes through _char_problem, which also words the error.
+_ATSIGN_FAST = re.compile(r"[A-Za-z0-9_\-]+")
+_ENTITY_FAST = re.compile(r"[A-Za-z0-9_.\-'*\"]+")
+# Results of normalize_atsign / AtKey.parse for recently seen texts (both are pure functions of
+# their input, and AtKey is frozen, so a hit can be shared).  Servers and clients see the same
+# few atSigns and key names over and over; bounded: cleared when full, short texts only.
+_CACHE_MAX = 4096
+_CACHEABLE_LEN = 320
+_atsign_cache: dict[str, str] = {}
+_key_cache: dict[str, AtKey] = {}
+
 _DEVICE_RE = re.compile(r"[a-z0-9_][a-z0-9_\-]{1,35}")
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -73,7 +87,11 @@ def _char_problem(ch: str, ascii_extra: frozenset[str]) -> str | None:
 
 def normalize_atsign(text: str) -> str:
     """``" Alice "`` -> ``"@alice"``: strip, lower-case, one leading ``@``; validate."""
-    if not isinstance(text, str):
+    if text.__class__ is str:
+        hit = _atsign_cache.get(text)
+        if hit is not None:
+            return hit
+    elif not isinstance(text, str):
         raise InvalidAtSignError(f"atSign must be a string, not {type(text).__name__}")
     body = text.strip().lower()
     if body.startswith("@"):
@@ -84,11 +102,17 @@ def normalize_atsign(text: str) -> str:
         raise InvalidAtSignError(
             f"atSign {_show(text)} is too long: {len(body)} characters, "
             f"at most {MAX_ATSIGN_LENGTH}")
-    for ch in body:
-        problem = _char_problem(ch, _ATSIGN_ASCII_EXTRA)
-        if problem is not None:
-            raise InvalidAtSignError(f"atSign {_show(text)} may not contain {problem}")
-    return "@" + body
+    if _ATSIGN_FAST.fullmatch(body) is None:
+        for ch in body:
+            problem = _char_problem(ch, _ATSIGN_ASCII_EXTRA)
+            if problem is not None:
+                raise InvalidAtSignError(f"atSign {_show(text)} may not contain {problem}")
+    result = "@" + body
+    if text.__class__ is str and len(text) <= _CACHEABLE_LEN:
+        if len(_atsign_cache) >= _CACHE_MAX:
+            _atsign_cache.clear()
+        _atsign_cache[text] = result
+    return result
 
 
 def bare_atsign(text: str) -> str:
@@ -116,6 +140,8 @@ def validate_device_name(name: str) -> str:
 def _check_entity(entity: str) -> None:
     if not entity:
         raise InvalidKeyError("the atKey's name is empty")
+    if _ENTITY_FAST.fullmatch(entity) is not None:
+        return
     for ch in entity:
         problem = _char_problem(ch, _ENTITY_ASCII_EXTRA)
         if problem is not None:
@@ -190,6 +216,20 @@ class AtKey:
     @classmethod
     def parse(cls, text: str) -> AtKey:
         """Parse any stored/wire form of an atKey; raises InvalidKeyError."""
+        if text.__class__ is str and cls is AtKey:
+            hit = _key_cache.get(text)
+            if hit is not None:
+                return hit
+            key = cls._parse(text)
+            if len(text) <= _CACHEABLE_LEN:
+                if len(_key_cache) >= _CACHE_MAX:
+                    _key_cache.clear()
+                _key_cache[text] = key
+            return key
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> AtKey:
         if not isinstance(text, str):
             raise InvalidKeyError(f"atKey must be a string, not {type(text).__name__}")
         rest = text.strip().lower()

@@ -30,6 +30,7 @@ from noports.at.crypto import (
     wrap_shared_key,
 )
 from noports.at.names import AtKey, bare_atsign, normalize_atsign
+from noports.at.valuecipher import ValueCipher
 from noports.errors import AtServerError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +45,8 @@ __all__ = ["SHARED_KEY_TTR_MS", "OutgoingKey", "SharedKeys"]
 SHARED_KEY_TTR_MS = 86_400_000
 #: How many distinct ``sharedKeyEnc`` texts to remember (one per sender and key generation).
 _ENC_CACHE_SIZE = 1024
+#: How many ready value ciphers (one per AES key in use) to keep.
+_CIPHER_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class SharedKeys:
         self._public: dict[str, tuple[RSAPublicKey, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._md5: str | None = None
+        self._ciphers: dict[str, ValueCipher] = {}
 
     @property
     def _me(self) -> str:
@@ -88,11 +92,23 @@ class SharedKeys:
             self._incoming.clear()
             self._by_enc.clear()
             self._public.clear()
+            self._ciphers.clear()
             return
         other = normalize_atsign(other)
         self._outgoing.pop(other, None)
         self._incoming.pop(other, None)
         self._public.pop(other, None)
+
+    def cipher(self, aes_key: str) -> ValueCipher:
+        """A ready :class:`ValueCipher` for ``aes_key`` (base64): one AES context per key, not
+        one per value (ValueError for a malformed key)."""
+        vc = self._ciphers.get(aes_key)
+        if vc is None:
+            vc = ValueCipher(aes_key)
+            if len(self._ciphers) >= _CIPHER_CACHE_SIZE:
+                self._ciphers.clear()
+            self._ciphers[aes_key] = vc
+        return vc
 
     # ---- public keys ------------------------------------------------------------------------
 
@@ -114,6 +130,10 @@ class SharedKeys:
         return entry
 
     # ---- keys shared by me ------------------------------------------------------------------
+
+    def cached_for_sending(self, other: str) -> OutgoingKey | None:
+        """The key for ``other`` (a normalised atSign) if it is cached, else None; no I/O."""
+        return self._outgoing.get(other)
 
     async def for_sending(self, other: str) -> OutgoingKey:
         """The key for encrypting values to ``other``; created and stored if there is none."""

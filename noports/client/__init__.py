@@ -7,6 +7,13 @@ messages), ``keygen`` (the one-time RSA key, made in parallel), ``detach`` (the 
 """
 
 from noports.client.phases import PhaseError
-from noports.client.session import NptSession, SessionOptions
 
 __all__ = ["NptSession", "PhaseError", "SessionOptions"]
+
+
+def __getattr__(name: str):
+    # the session pulls in the whole network stack; `npt --help` and the -x parent need none
+    if name in ("NptSession", "SessionOptions"):
+        from noports.client import session
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,13 +15,14 @@ checking them before anything touches the network, the exit codes (listed in ``-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from noports import __version__
 from noports._speedups import describe
@@ -32,7 +33,9 @@ from noports.client import debug
 from noports.client.detach import Handoff, run_detached
 from noports.client.keygen import EphemeralKey
 from noports.client.phases import EXIT_CODES, PhaseError, ended_error
-from noports.client.session import NptSession, Progress, SessionOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from noports.client.session import Progress, SessionOptions
 from noports.errors import InvalidAtSignError, InvalidDeviceNameError, NoPortsError
 from noports.messages import MessageError, parse_duration
 
@@ -41,6 +44,8 @@ __all__ = ["build_parser", "main", "options_from_args", "parse_args"]
 log = logging.getLogger("noports.client")
 
 EXIT_INTERRUPTED = 130
+#: When this process began, near enough (progress times count from here).
+_STARTED = time.monotonic()
 
 
 def _port(text: str) -> int:
@@ -174,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def options_from_args(args: argparse.Namespace) -> SessionOptions:
+    from noports.client.session import SessionOptions
+
     return SessionOptions(
         client=args.client, daemon=args.daemon, relay=args.relay, device=args.device,
         remote_port=args.remote_port, remote_host=args.remote_host,
@@ -192,6 +199,10 @@ def _setup_logging(verbose: int) -> None:
 async def _serve(opts: SessionOptions, progress: Progress, ephemeral: EphemeralKey,
                  handoff: Handoff | None) -> int:
     """One session from set-up to its end; the exit status."""
+    import asyncio
+
+    from noports.client.session import NptSession
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -242,7 +253,9 @@ async def _serve(opts: SessionOptions, progress: Progress, ephemeral: EphemeralK
         await session.close()
 
 
-def _new_loop(no_uvloop: bool) -> asyncio.AbstractEventLoop:
+def _new_loop(no_uvloop: bool):
+    import asyncio
+
     if not no_uvloop:
         try:
             import uvloop
@@ -254,10 +267,13 @@ def _new_loop(no_uvloop: bool) -> asyncio.AbstractEventLoop:
 
 def _run(args: argparse.Namespace, handoff: Handoff | None) -> int:
     """Run one session in this process (foreground, or the -x runner)."""
-    opts = options_from_args(args)
-    progress = Progress(quiet=args.quiet)
-    # forked now, while this process has no threads and no loop (see keygen.py)
+    # Forked first, while this process has no thread and no loop (see keygen.py), and before
+    # the network stack is imported: the key is made on the other core meanwhile.
     ephemeral = EphemeralKey.start()
+    from noports.client.session import Progress
+
+    opts = options_from_args(args)
+    progress = Progress(quiet=args.quiet, started=_STARTED)
     debug.install_connection_hook()
     loop = _new_loop(args.no_uvloop)
     try:

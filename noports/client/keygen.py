@@ -101,7 +101,11 @@ class EphemeralKey:
             self._fd = None
             os.close(fd)
             self._reap(block=True)
-        key = serialization.load_der_private_key(b"".join(chunks), password=None)
+        # Our own forked copy made this key a moment ago, so OpenSSL's consistency check
+        # (~50 ms of CPU for RSA-2048, on the critical path of the session request) can be
+        # skipped: nobody else could have supplied it.
+        key = serialization.load_der_private_key(b"".join(chunks), password=None,
+                                                 unsafe_skip_rsa_key_validation=True)
         if not isinstance(key, RSAPrivateKey) or key.key_size != 2048:
             raise ValueError("the key helper returned something other than an RSA-2048 key")
         return key

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
@@ -31,8 +32,10 @@ from noports.messages import (
     decrypt_session_secret,
     is_error_reply,
 )
-from noports.relay.messages import RelayMessageError, RelayReply, parse_reply
-from noports.tunnel import TunnelEnded
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: keep `npt --help` imports light
+    from noports.relay.messages import RelayReply
+    from noports.tunnel import TunnelEnded
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -71,7 +74,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (1, "unexpected internal error"),
     (2, "bad command line"),
     *((code, f"{name} phase failed ({what})") for name, (code, what) in PHASES.items()),
-    (130, "interrupted (Ctrl-C) before the tunnel was up"),
+    (130, "interrupted (Ctrl-C or SIGTERM) before the tunnel was up"),
 )
 
 
@@ -110,6 +113,8 @@ def relay_request_body(session_id: str, client: str, daemon: str, client_nonce: 
 
 def parse_relay_reply(value: str | None, relay: str) -> RelayReply:
     """The relay's reply (CSV or JSON); PhaseError("relay") if unusable."""
+    from noports.relay.messages import RelayMessageError, parse_reply
+
     if value is None:
         raise PhaseError("relay", f"the reply from {relay} could not be read (no value)")
     try:

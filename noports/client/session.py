@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import stat
 import sys
 import time
 import uuid
@@ -105,11 +106,12 @@ class SessionOptions:
 class Progress:
     """Progress lines on stderr, ``npt: [  123 ms] phase: text``; silent with -q."""
 
-    def __init__(self, quiet: bool = False, stream=None, clock=time.monotonic) -> None:
+    def __init__(self, quiet: bool = False, stream=None, clock=time.monotonic,
+                 started: float | None = None) -> None:
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
-        self.t0 = clock()
+        self.t0 = clock() if started is None else started
 
     def elapsed_ms(self) -> float:
         return (self.clock() - self.t0) * 1000.0
@@ -159,6 +161,7 @@ class NptSession:
         self._dispatcher: asyncio.Task | None = None
         self._waits: _Waits | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._closing_at: asyncio.Future | None = None
 
     # ---- the phases --------------------------------------------------------------------------
 
@@ -254,8 +257,9 @@ class NptSession:
                           + ("" if o.encrypt else " (traffic NOT encrypted)"))
 
         port = await self._open_tunnel(reply, keys, secrets_)
-        # the tunnel needs no atServer from here on
-        self._spawn(self._close_at())
+        # the tunnel needs no atServer from here on (closed in the background: the port is
+        # reported meanwhile; close() waits for it)
+        self._closing_at = asyncio.ensure_future(self._close_at())
         return port
 
     async def _open_tunnel(self, reply: RelayReply, keys: AtKeys, s: SessionKeys) -> int:
@@ -274,8 +278,8 @@ class NptSession:
         try:
             port = await end.start()
         except TunnelError as exc:
-            raise PhaseError("tunnel", f"{exc} (relay {o.relay} at {reply.address}:"
-                                       f"{reply.port_a})") from None
+            # its text already says what: the relay unreachable, or the local port not free
+            raise PhaseError("tunnel", str(exc)) from None
         # A relay that rejects the auth line says so at once ("Socket auth failed") and
         # closes; a healthy one says nothing.  Listen for a few round trips before telling
         # the user the port, so that a refusal is reported as the phase that failed.
@@ -299,10 +303,17 @@ class NptSession:
         o = self.opts
         path = o.key_file
         try:
-            return AtKeys.load(path, o.client)
+            keys = AtKeys.load(path, o.client)
         except (NoPortsError, OSError, ValueError) as exc:
             raise PhaseError("keys", f"cannot read the keys of {o.client} from {path}: "
                                      f"{exc}") from None
+        with contextlib.suppress(OSError):
+            mode = Path(path).stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                # the file holds the atSign's private keys: say so, as ssh does
+                self.progress.write(f"npt: warning: {path} is readable by group or others "
+                                    f"(mode {stat.S_IMODE(mode):o}): chmod 600 it")
+        return keys
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -405,6 +416,9 @@ class NptSession:
         if self.end is not None:
             with contextlib.suppress(Exception):
                 await self.end.close()
+        if self._closing_at is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._closing_at
         await self._close_at()
         current = asyncio.current_task()
         for task in list(self._tasks):

@@ -259,14 +259,17 @@ class _PortSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        n = len(self.relay.session_ports())
+        self.max = max(self.max, n)
+        self.samples += 1
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                n = len(self.relay.session_ports())
+                self.sample()
             except psutil.Error:
                 return
-            self.max = max(self.max, n)
-            self.samples += 1
             self._stop.wait(0.005)
 
     def __enter__(self) -> _PortSampler:
@@ -294,6 +297,9 @@ def test_r2_request_flood_cannot_exhaust_ports(hosted, srvd, run, record_propert
             with _PortSampler(relay) as sampler:
                 first = [client.request(client.body()) for _ in range(flood // 2)]
                 await asyncio.gather(*first)
+                # explicit samples at the flood's milestones: the thread alone may get little
+                # CPU on a loaded 2-core machine
+                sampler.sample()
                 second = asyncio.gather(*(client.request(client.body())
                                           for _ in range(flood - flood // 2)))
                 other_body = other.body()
@@ -301,7 +307,9 @@ def test_r2_request_flood_cannot_exhaust_ports(hosted, srvd, run, record_propert
                 sid = await other.request(other_body)
                 await other.reply(sid, timeout=5)
                 answered = other.reply_times[sid] - asked
+                sampler.sample()
                 await second
+                sampler.sample()
                 await wait_until(lambda: relay.metrics()["noports_relay_requests_total"]
                                  == flood + 1, timeout=30, what="every request handled")
                 handled = time.monotonic() - start
