@@ -672,8 +672,14 @@ _FAST_NOTIFY = re.compile(
     r":id:([A-Za-z0-9_\-]+):(update|delete)"
     r"(?::messageType:(key))?(?::priority:(low|medium|high))?(?::strategy:(all|latest))?"
     r"(?::latestN:([0-9]{1,18}))?(?::notifier:([A-Za-z0-9_.\-]+))?(?::ttln:([0-9]{1,18}))?"
-    r"((?::(?:" + _FAST_META_NAMES + r"):[A-Za-z0-9+/=_.\-]+)*)"
+    # metadata values are only delimited here ([^:] is the regex engine's fastest scan) and
+    # checked one by one below
+    r"((?::(?:" + _FAST_META_NAMES + r"):[^:]+)*)"
     r":(@[a-z0-9_\-]{1,55}):([a-z0-9_.\-]+@[a-z0-9_\-]{1,55})(?=:.|$)")
+_FAST_META_VALUE = re.compile(r"[A-Za-z0-9+/=_.\-]+")
+# Metadata values that passed _FAST_META_VALUE lately: a sender repeats its sharedKeyEnc and
+# pubKeyCS (hundreds of characters) in every notification.  Bounded: cleared when full.
+_fast_meta_ok: set[str] = set()
 
 
 def _fast_notify(rest: str) -> Notify | None:
@@ -691,8 +697,16 @@ def _fast_notify(rest: str) -> Notify | None:
         if meta_text:
             tokens = meta_text.split(":")
             seen: set[str] = set()
+            ok = _fast_meta_ok
             for i in range(1, len(tokens), 2):
-                _set_meta(meta, seen, tokens[i].lower(), tokens[i + 1], checked=True)
+                text = tokens[i + 1]
+                if text not in ok:
+                    if _FAST_META_VALUE.fullmatch(text) is None:
+                        return None
+                    if len(ok) >= 1024:
+                        ok.clear()
+                    ok.add(text)
+                _set_meta(meta, seen, tokens[i].lower(), text, checked=True)
         key = _key(f"{to}:{key_text}")
     except AtProtocolError:
         return None            # the general parser raises the error, in its own order

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from noports.at.commands import Metadata as _Metadata
 from noports.atserver.store import KeyRecord, Store
 
 __all__ = [
@@ -91,8 +92,12 @@ def format_time(ms: int) -> str:
 
 def _coerce(name: str, value):
     """Normalise one parsed metadata value; ``"null"`` means reset (spec §4.2)."""
-    if isinstance(value, str) and value.lower() == "null":
-        return RESET
+    if isinstance(value, str):
+        # (length first: sharedKeyEnc and friends are hundreds of characters)
+        if len(value) == 4 and value.lower() == "null":
+            return RESET
+        if value.__class__ is str and name not in _INT_FIELDS and name not in _BOOL_FIELDS:
+            return value                      # what str(value) below would give
     if name in _INT_FIELDS:
         try:
             ivalue = int(value)
@@ -118,8 +123,11 @@ def metadata_changes(metadata) -> dict:
     out: dict = {}
     if metadata is None:
         return out
+    # A parsed Metadata keeps every field in its __dict__: one dict lookup per field instead
+    # of getattr (this runs for every update and notify).
+    fields = metadata.__dict__ if type(metadata) is _Metadata else None
     for attr, wire in META_FIELDS:
-        value = getattr(metadata, attr, None)
+        value = fields.get(attr) if fields is not None else getattr(metadata, attr, None)
         if value is not None:
             out[wire] = _coerce(wire, value)
     return out

@@ -289,6 +289,7 @@ def _run(args: argparse.Namespace, handoff: Handoff | None) -> int:
         ephemeral.close()
         with contextlib.suppress(Exception):
             loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
 
 

@@ -147,8 +147,14 @@ def _parent(pid: int, r_res: int, r_log: int, quiet: bool) -> int:
         if not quiet:
             _say(f"npt: the tunnel runs in the background as pid {words[2]}; it ends after "
                  f"the -T idle time without connections")
-        sys.stdout.write(f"{words[1]}\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(f"{words[1]}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            # nobody can learn the port: a tunnel nobody can find must not keep running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(words[2]), signal.SIGTERM)
+            return 1
         return 0
     status = _reap(pid)
     if len(words) == 2 and words[0] == "failed" and words[1].lstrip("-").isdigit():

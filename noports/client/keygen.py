@@ -78,8 +78,12 @@ class EphemeralKey:
             os.close(w)
             return
         if pid == 0:
-            os.close(r)
-            # Ctrl-C in a terminal reaches the whole foreground group; the parent handles it.
+            # Hold nothing of the parent's but the pipe (an inherited pipe or socket would keep
+            # its reader waiting for EOF); Ctrl-C in a terminal reaches the whole foreground
+            # group, and the parent handles it.
+            with contextlib.suppress(OSError):
+                os.closerange(3, w)
+                os.closerange(w + 1, 65536)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _helper_main(w)
         os.close(w)

@@ -85,6 +85,9 @@ REPLAY_WINDOW_MS = 60_000
 STATE_FLUSH_INTERVAL = 2.0
 #: Notifications being handled at once; beyond it a manager's flood is dropped ("busy").
 MAX_INFLIGHT = 256
+#: Drops that strangers can cause at will: logged through the rate-limited DropLog.
+_QUIET_REASONS = frozenset({"not_for_me", "not_manager", "not_for_device", "not_update",
+                            "unsupported", "busy"})
 
 
 def login_name() -> str:
@@ -352,7 +355,12 @@ class Npd:
 
     def _drop(self, sender: str, drop: Drop) -> None:
         self.stats.dropped[drop.reason] += 1
-        self.drop_log(sender, drop)
+        if drop.reason in _QUIET_REASONS:
+            # anyone can send these, at any rate: the first per sender is logged, then few
+            self.drop_log(sender, drop)
+        else:
+            # a manager's request that went wrong: rare, and worth a line each time
+            log.warning("dropped (%s): %s", drop.reason, drop.message)
 
     async def _guard(self, handler, n: AtNotification) -> None:
         try:

@@ -16,11 +16,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -144,15 +146,18 @@ def proc_user() -> str:
 
 # --- the whole session ----------------------------------------------------------------------
 
-def test_full_session_through_the_relay_to_an_echo_service(hosted, srvd, npd, run):
+@pytest.mark.parametrize("npd_loop", ["uvloop", "asyncio"])
+def test_full_session_through_the_relay_to_an_echo_service(hosted, srvd, npd, run, npd_loop):
     """Request -> signed response verified and decrypted -> side A played by hand: control
     socket with its auth line, AES-CTR control channel, two ``connect:`` data connections with
     their own keys, 1 MiB echoed intact (sha256) each; then a ``connect:`` line carrying a
-    target is a protocol error that ends the session and reaches no target."""
+    target is a protocol error that ends the session and reaches no target.  npd runs on
+    uvloop (its default) and on stock asyncio (``--no-uvloop``)."""
     async def main():
         echo = await start_echo_server()
         trap = await start_echo_server()          # a target the crafted line names
-        proc = npd("--permit-open", f"localhost:{echo.port}")
+        proc = npd("--permit-open", f"localhost:{echo.port}",
+                   *(["--no-uvloop"] if npd_loop == "asyncio" else []))
         pairs0 = await asyncio.get_running_loop().run_in_executor(None, relay_pairs, srvd)
         async with NptPlayer(hosted, "@client") as c:
             session = await c.request_relay()
@@ -215,6 +220,16 @@ def test_many_sessions_at_once_and_bad_requests_do_not_stop_it(hosted, srvd, npd
                                   json.dumps(malformed), ttl=10_000, ttln=60_000)
             refusal = await c.response(bad_sig.session_id)
             assert refusal.startswith("Signature not verified: ")
+            # a relay port nobody listens on: the documented tunnel error
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                dead_port = s.getsockname()[1]
+            dead = c.fake_session(dead_port)
+            c.make_request(dead, "127.0.0.1", echo.port)
+            await c.send_request(dead.request)
+            failure = await c.response(dead.session_id)
+            assert failure.startswith(
+                "Failed to start up the daemon side of the srv socket tunnel : "), failure
             sessions = await asyncio.gather(*(c.open_session("127.0.0.1", echo.port)
                                               for _ in range(5)))
             pairs0 = await asyncio.get_running_loop().run_in_executor(None, relay_pairs, srvd)
@@ -238,6 +253,7 @@ def test_many_sessions_at_once_and_bad_requests_do_not_stop_it(hosted, srvd, npd
     m = proc.metrics()
     assert m['noports_npd_dropped_total{reason="bad_request"}'] == 2
     assert m['noports_npd_responses_total{outcome="signature"}'] == 1
+    assert m['noports_npd_responses_total{outcome="tunnel_error"}'] == 1
     assert m['noports_npd_responses_total{outcome="connected"}'] == 5
     assert m["noports_npd_errors_total"] == 0
     assert proc.alive()
@@ -552,21 +568,32 @@ def test_s5_unsafe_or_malformed_flags_refused(hosted, tmp_path):
         ({}, ("--bogus",), "unrecognized arguments: --bogus"),
         (dict(device="not a device!"), (), "-d/--device"),
     ]
-    for kw, args, message in cases:
-        res = run_npd(hosted, *args, storage_path=tmp_path / "s", **kw)
-        assert res.returncode == 2, (kw, args, res.stderr)
-        assert message in res.stderr, (message, res.stderr)
     src = hosted.keys_dir / "@daemon_key.atKeys"
+    unsafe_files = []
     for mode in (0o640, 0o604, 0o660):
         unsafe = tmp_path / f"@daemon_key_{mode:o}.atKeys"
         shutil.copy(src, unsafe)
         os.chmod(unsafe, mode)
-        res = run_npd(hosted, key_file=unsafe, storage_path=tmp_path / "s")
+        unsafe_files.append(unsafe)
+    # independent processes: run them side by side
+    with ThreadPoolExecutor(8) as pool:
+        flag_runs = [pool.submit(run_npd, hosted, *args, storage_path=tmp_path / "s", **kw)
+                     for kw, args, _ in cases]
+        key_runs = [pool.submit(run_npd, hosted, key_file=f, storage_path=tmp_path / "s")
+                    for f in unsafe_files]
+        help_run = pool.submit(run_npd, hosted, "--help")
+        version_run = pool.submit(run_npd, hosted, "--version")
+    for (kw, args, message), fut in zip(cases, flag_runs, strict=True):
+        res = fut.result()
+        assert res.returncode == 2, (kw, args, res.stderr)
+        assert message in res.stderr, (message, res.stderr)
+    for fut in key_runs:
+        res = fut.result()
         assert res.returncode == 3, res.stderr
         assert "accessible by group or others" in res.stderr and "chmod 600" in res.stderr
-    help_text = run_npd(hosted, "--help").stdout
+    help_text = help_run.result().stdout
     assert "exit codes:" in help_text and "3  the .atKeys file" in help_text
-    version = run_npd(hosted, "--version")
+    version = version_run.result()
     assert version.returncode == 0 and "npd (noports)" in version.stdout
     assert "data plane:" in version.stdout
 

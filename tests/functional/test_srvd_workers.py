@@ -123,8 +123,9 @@ def test_sessions_spread_over_both_workers(hosted, srvd_workers, run, pump):
 
 # --- test_srvd.py again, with two workers ------------------------------------------------------
 
-def test_csv_reply_then_20_mib_both_ways(hosted, srvd, run):
-    single.test_csv_reply_then_20_mib_both_ways(hosted, srvd, run, "uvloop")
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_csv_reply_then_20_mib_both_ways(hosted, srvd, run, loop):
+    single.test_csv_reply_then_20_mib_both_ways(hosted, srvd, run, loop)
 
 
 def test_json_reply_when_the_request_asks(hosted, srvd, run):

@@ -392,7 +392,7 @@ _keys = st.sampled_from(["sessionId", "rvdHost", "rvdPort", "requestedPort", "re
 _payloads = st.dictionaries(_keys | st.text(max_size=8), _json, max_size=14)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_payloads)
 def test_garbage_payloads_raise_only_message_error(payload):
     for parse in (NptRequest.from_payload, DaemonResponse.from_payload):
