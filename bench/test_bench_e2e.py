@@ -142,8 +142,8 @@ def _stop_pid(pid: int, timeout: float = 10.0) -> None:
             proc.wait(timeout)
 
 
-def _iperf(port: int) -> float:
-    """One iperf3 sample through ``port``: bytes per second the sink received."""
+def _iperf(port: int) -> tuple[float, int]:
+    """One iperf3 sample through ``port``: (bytes per second, bytes) the sink received."""
     deadline = time.monotonic() + 30
     while True:
         out = subprocess.run(["iperf3", "-c", HOST, "-p", str(port), "-t", str(SECONDS), "-J"],
@@ -154,7 +154,8 @@ def _iperf(port: int) -> float:
             raise RuntimeError(f"iperf3 via {port}: rc {out.returncode}, {out.stderr!r}") from None
         error = report.get("error")
         if error is None:
-            return report["end"]["sum_received"]["bits_per_second"] / 8
+            received = report["end"]["sum_received"]
+            return received["bits_per_second"] / 8, received["bytes"]
         # the single sink serves one test at a time; the previous one may still be closing
         if "busy" not in error or time.monotonic() > deadline:
             raise RuntimeError(f"iperf3 via port {port}: {error}")
@@ -198,6 +199,7 @@ class Stack:
                     base / f"npd-{impl}.log", env=_env(impl))
                 self.procs.append(self.npd[impl])
             for impl in IMPLS:
+                self._check_data_plane(impl)
                 self.srvd[impl].wait_line(rf"srvd {self.relay(impl)} ready", 30)
                 self.npd[impl].wait_line(rf"npd {self.daemon(impl)} ready", 30)
                 self._check_impl(self.srvd[impl].pid, impl, "srvd")
@@ -220,6 +222,15 @@ class Stack:
 
     def keys_file(self, atsign: str) -> Path:
         return self.atserver.keys_dir / f"{atsign}_key.atKeys"
+
+    @staticmethod
+    def _check_data_plane(impl: str) -> None:
+        """The programs, run with this environment, report the pumps we mean to measure."""
+        for program, pump in (("noports.relay", "relaypump"), ("noports.client", "tunnelpump"),
+                              ("noports.daemon", "tunnelpump")):
+            out = subprocess.run([sys.executable, "-m", program, "--version"], env=_env(impl),
+                                 cwd=str(REPO), capture_output=True, text=True, timeout=60)
+            assert f"{pump}={impl}" in out.stdout, (program, impl, out.stdout, out.stderr)
 
     @staticmethod
     def _check_impl(pid: int, impl: str, what: str) -> None:
@@ -277,6 +288,13 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    try:
+        import noports._speedups.relaypump
+        import noports._speedups.tunnelpump  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"compiled pumps not built: {exc}")
+        pytest.skip(f"compiled pumps not built: {exc}")
     s = Stack(tmp_path_factory.mktemp("bench-e2e"))
     yield s
     s.close()
@@ -287,7 +305,7 @@ def stack(tmp_path_factory):
 def test_e2e_throughput_vs_socat_chain(benchmark, stack):
     socats: list[subprocess.Popen] = []
     runners: dict[str, int] = {}
-    cpu: dict[str, list[float]] = {}
+    cpu: dict[str, list[list[float]]] = {}   # case -> samples -> per process
     try:
         hop_ports = [_free_port() for _ in range(3)]
         for listen, target in zip(hop_ports, [*hop_ports[1:], stack.sink_port], strict=True):
@@ -309,28 +327,29 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
             tunnel_ps[impl] = [psutil.Process(pid), psutil.Process(stack.srvd[impl].pid),
                                psutil.Process(stack.npd[impl].pid)]
 
-        def socat_cpu() -> float:
+        def socat_cpu() -> list[float]:
             # each connection is a forked child; count it once the parent has reaped it
             deadline = time.monotonic() + 10
             while any(p.children() for p in socat_ps) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            return sum(_cpu(p, reaped_children=True) for p in socat_ps)
+            return [_cpu(p, reaped_children=True) for p in socat_ps]
 
-        def case(name: str, port: int, cpu_of):
+        def case(name: str, port: int, cpu_of=None):
             def run() -> float:
-                before = cpu_of() if cpu_of else 0.0
-                rate = _iperf(port)
+                before = cpu_of() if cpu_of else []
+                rate, nbytes = _iperf(port)
                 if cpu_of:
-                    cpu.setdefault(name, []).append(
-                        (cpu_of() - before) / (rate * SECONDS / 1e9))
+                    per_gb = [(b - a) / (nbytes / 1e9) for a, b in zip(before, cpu_of(),
+                                                                       strict=True)]
+                    cpu.setdefault(name, []).append(per_gb)
                 return rate / 1e6
             return run
 
         cases = {f"tunnel {impl}": case(f"tunnel {impl}", tunnel_ports[impl],
-                                        lambda ps=tunnel_ps[impl]: sum(map(_cpu, ps)))
+                                        lambda ps=tunnel_ps[impl]: [_cpu(p) for p in ps])
                  for impl in IMPLS}
         cases["socat chain"] = case("socat chain", hop_ports[0], socat_cpu)
-        cases["direct"] = case("direct", stack.sink_port, None)
+        cases["direct"] = case("direct", stack.sink_port)
         for run in cases.values():   # warm every path once (page-in, TCP autotuning, clocks)
             run()
         cpu.clear()
@@ -343,10 +362,17 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
             proc.wait(10)
 
     mbps = {name: harness.median(v) for name, v in samples.items()}
-    cpu_gb = {name: harness.median(v) for name, v in cpu.items()}
+    # per sample: CPU s/GB of each of the three processes; the total is their sum
+    cpu_gb = {name: harness.median([sum(x) for x in v]) for name, v in cpu.items()}
+    roles = {name: ["npt runner", "srvd", "npd"] if name.startswith("tunnel")
+             else ["socat 1 (client side)", "socat 2 (relay)", "socat 3 (daemon side)"]
+             for name in cpu}
+    per_process = {name: {role: round(harness.median([x[i] for x in v]), 3)
+                          for i, role in enumerate(roles[name])} for name, v in cpu.items()}
     extra = {"seconds_per_sample": SECONDS,
              "samples_MBps": {k: [round(x, 1) for x in v] for k, v in samples.items()},
-             "cpu_s_per_GB": {k: [round(x, 3) for x in v] for k, v in cpu.items()}}
+             "cpu_s_per_GB": {k: [round(sum(x), 3) for x in v] for k, v in cpu.items()},
+             "cpu_s_per_GB_by_process": per_process}
     gated = None
     for impl in IMPLS:
         vs_socat = harness.record(harness.Comparison(

@@ -290,6 +290,7 @@ def direct_run(bench: Bench, streams: int, via_forwarder: bool = False) -> tuple
 
 # --- the suite --------------------------------------------------------------------------------
 
+@pytest.mark.timeout(1800)      # 13 cases x 5 rounds of iperf3 runs: longer than the default
 def test_throughput_cpu_and_workers(benchmark, bench):
     cases = {
         "1: srvd compiled": lambda: srvd_run(bench, "compiled", 1),

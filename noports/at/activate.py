@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from noports import __version__
+from noports._speedups import describe
 from noports.at.atkeys import AtKeys, default_keys_path
 from noports.at.client import AtClient
 from noports.at.connection import CA_FILE_ENV, AtConnectionError, AtTimeoutError, make_ssl_context
@@ -115,7 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing keys file")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the noports version and the data-plane implementation, exit")
     return p
+
+
+class _Version(argparse.Action):
+    """``--version``: two unwrapped lines, as srvd prints them (before -a/-c are required)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"at_activate (noports) {__version__}\n{describe()}\n")
+        sys.stdout.flush()
+        parser.exit(0)
 
 
 def _run(coro):

@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from noports import __version__
+from noports._speedups import describe
 from noports.atserver.app import AtServerApp, ServerConfig
 from noports.atserver.root import RootDirectory
 from noports.atserver.server import ConnectionLimits
@@ -81,7 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging on stderr (-v info, -vv debug)")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the noports version and the data-plane implementation, exit")
     return p
+
+
+class _Version(argparse.Action):
+    """``--version``: two unwrapped lines, as srvd prints them (and before --state-dir is
+    required)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(f"atserver (noports) {__version__}\n{describe()}\n")
+        sys.stdout.flush()
+        parser.exit(0)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

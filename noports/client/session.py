@@ -78,7 +78,7 @@ NOTIFY_TTLN_MS = 60_000
 MONITOR_SKEW_MS = 2_000
 #: After the control socket is up, how long to listen for the relay refusing its auth line
 #: before reporting the port: a few round trips of the control connection, within bounds.
-SETTLE_MIN, SETTLE_MAX, SETTLE_RTTS = 0.03, 0.5, 4
+SETTLE_MIN, SETTLE_MAX, SETTLE_RTTS = 0.02, 0.5, 3
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Demonstrations that run the whole stack on this machine (the README's "main job")."""
+"""``noports demo``: the whole stack (atserver, srvd, npd, npt and a web service) on this
+machine, used and measured -- the README's "main job".  See :mod:`noports.demo.stack`."""

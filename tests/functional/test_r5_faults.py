@@ -342,21 +342,30 @@ async def echo(target: Target, port: int, payload: bytes) -> bool:
 
 
 class Streamer:
-    """A local application streaming into an echo target until told to stop or cut off."""
+    """A local application streaming into an echo target: a 1 MiB random block over and over,
+    ``nbytes`` in all (default: until cut off), checking the echo against the pattern."""
 
-    def __init__(self, sock: socket.socket, nbytes: int) -> None:
+    BLOCK = 1 << 20
+
+    def __init__(self, sock: socket.socket, nbytes: int = 1 << 40) -> None:
         self.sock = sock
-        self.payload = os.urandom(nbytes)
-        self.received = bytearray()
+        self.nbytes = nbytes
+        self.block = os.urandom(self.BLOCK)
+        self.received = 0
+        self.intact = True
         loop = asyncio.get_running_loop()
         self.sender = loop.create_task(self._send())
         self.reader = loop.create_task(self._read())
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
+        view = memoryview(self.block)
+        sent = 0
         with contextlib.suppress(OSError):
-            for i in range(0, len(self.payload), 64 * 1024):
-                await loop.sock_sendall(self.sock, self.payload[i:i + 64 * 1024])
+            while sent < self.nbytes:
+                n = min(self.BLOCK, self.nbytes - sent)
+                await loop.sock_sendall(self.sock, view[:n])
+                sent += n
 
     async def _read(self) -> str:
         loop = asyncio.get_running_loop()
@@ -367,8 +376,11 @@ class Streamer:
                 return "reset"
             if not chunk:
                 return "eof"
-            self.received += chunk
-            if len(self.received) >= len(self.payload):
+            start = self.received % self.BLOCK
+            expected = (self.block[start:] + self.block)[:len(chunk)]
+            self.intact = self.intact and chunk == expected
+            self.received += len(chunk)
+            if self.received >= self.nbytes:
                 return "complete"
 
     async def ended(self, timeout: float) -> str:
@@ -376,9 +388,6 @@ class Streamer:
         self.sender.cancel()
         await asyncio.gather(self.sender, return_exceptions=True)
         return how
-
-    def intact_so_far(self) -> bool:
-        return bytes(self.received) == self.payload[:len(self.received)]
 
     def close(self) -> None:
         for task in (self.sender, self.reader):
@@ -556,8 +565,8 @@ def test_control_connection_cut_ends_both_ends_clearly(run, event_loop_kind, hop
             kind = ResetPeer(cut_at_byte) if toxic == "reset_peer" else LimitData(cut_at_byte)
             rig.proxy.add(kind, direction=rig.connect_dir, where=0)
             async with tunnel(rig, target.port) as (client, daemon):
-                streamer = Streamer(await local_connect(client.local_port), 64 * MiB)
-                await until(lambda: len(streamer.received) > 2 * MiB, 20, "streaming")
+                streamer = Streamer(await local_connect(client.local_port))
+                await until(lambda: streamer.received > 2 * MiB, 20, "streaming")
                 second = await local_connect(client.local_port)   # its connect: is cut
                 control = rig.proxy.conns[0]
                 await asyncio.wait_for(control.wait_closed(), 10)
@@ -578,7 +587,7 @@ def test_control_connection_cut_ends_both_ends_clearly(run, event_loop_kind, hop
                     assert proxied.ended.reason == "control_closed"
                 # the applications see the end (EOF or RST), and nothing wrong was delivered
                 assert await streamer.ended(DETECT) in ("eof", "reset")
-                assert streamer.intact_so_far()
+                assert streamer.intact
                 assert (await asyncio.wait_for(read_to_end(second), DETECT))[0] == 0
                 second.close()
                 streamer.close()
@@ -608,8 +617,8 @@ def test_data_connection_cut_ends_only_that_connection(run, event_loop_kind, hop
                 assert data_conn.up.forwarded == after
                 assert how in ("eof", "reset")
                 # truncated, never corrupted (and no integrity check can tell: spec §6)
-                assert len(streamer.received) < len(streamer.payload)
-                assert streamer.intact_so_far()
+                assert streamer.received < streamer.nbytes
+                assert streamer.intact
                 streamer.close()
                 await until(lambda: target.live == 0, DETECT, "target connection to close")
                 await until(lambda: client.stats.connections_live == 0
@@ -666,19 +675,19 @@ def test_black_hole_then_recovery_loses_nothing(run, event_loop_kind, hop):
             async with tunnel(rig, target.port) as (client, daemon):
                 # more than every buffer on the way can hold (pumps, proxy, kernels)
                 streamer = Streamer(await local_connect(client.local_port), 64 * MiB)
-                await until(lambda: len(streamer.received) > 1 * MiB, 20, "streaming")
+                await until(lambda: streamer.received > 1 * MiB, 20, "streaming")
                 hole = rig.proxy.add(Timeout())
                 # let what was past the proxy drain, then nothing may move for a while
                 settled = -1
-                while settled != len(streamer.received):
-                    settled = len(streamer.received)
+                while settled != streamer.received:
+                    settled = streamer.received
                     await asyncio.sleep(0.2)      # sampling a byte count, bounded by the loop
                 await asyncio.sleep(0.5)
-                assert len(streamer.received) == settled < len(streamer.payload)
+                assert streamer.received == settled < streamer.nbytes
                 assert client.state == daemon.state == "open"
                 rig.proxy.remove(hole)
                 assert await streamer.ended(30) == "complete"
-                assert bytes(streamer.received) == streamer.payload
+                assert streamer.intact and streamer.received == streamer.nbytes
                 streamer.close()
                 await until(lambda: client.stats.connections_live == 0, DETECT, "conn end")
                 assert client.state == daemon.state == "open"
@@ -697,8 +706,8 @@ def test_closing_an_end_inside_a_black_hole_does_not_hang(run, event_loop_kind, 
         async with relay_and_proxy(hop) as rig, Target() as target:
             baseline = socket_count()
             async with tunnel(rig, target.port) as (client, daemon):
-                streamer = Streamer(await local_connect(client.local_port), 64 * MiB)
-                await until(lambda: len(streamer.received) > 1 * MiB, 20, "streaming")
+                streamer = Streamer(await local_connect(client.local_port))
+                await until(lambda: streamer.received > 1 * MiB, 20, "streaming")
                 hole = rig.proxy.add(Timeout(drop=True))
                 proxied, other = rig.proxied(client, daemon)
                 start = time.monotonic()
@@ -711,7 +720,7 @@ def test_closing_an_end_inside_a_black_hole_does_not_hang(run, event_loop_kind, 
                 assert ended.reason in ("control_closed", "control_reset"), ended
                 assert time.monotonic() - healed < DETECT
                 assert await streamer.ended(DETECT) in ("eof", "reset")
-                assert streamer.intact_so_far()
+                assert streamer.intact
                 streamer.close()
                 await until(lambda: target.live == 0, DETECT, "target connection to close")
             await no_leaks(rig, baseline)
@@ -795,41 +804,44 @@ def test_monitor_exactly_once_across_a_cut_mid_notification(shared_atserver, run
     tag = unique_tag()
 
     async def main():
-        async with ToxicProxy(proc.ports["@bob"]) as proxy, \
-                at_client(proc, "@alice") as alice, \
-                at_client(proc, "@bob", proxy.port) as bob:
-            mon = bob.monitor(rf"\.{tag}@alice", backoff_base=0.05, backoff_cap=0.2)
-            await mon.start()
-            sent = [await alice.notify(f"@bob:n{i}.{tag}", f"value {i}") for i in range(3)]
-            got = await collect(mon, 3)
-            assert len(proxy.conns) == 2            # bob's main connection, then the monitor's
-            conn = proxy.conns[1]
-            after = conn.down.forwarded + 200
-            cut = ResetPeer(after) if toxic == "reset_peer" else LimitData(after)
-            proxy.add(cut, direction="down", where=conn)
-            if toxic == "slow_close":
-                proxy.add(SlowClose(2.0), direction="down", where=conn)
-            sent.append(await alice.notify(f"@bob:n3.{tag}", "value 3"))   # cut mid-way
-            await until(lambda: conn.down.cut_at is not None, 10, "the cut")
-            cut_at = conn.down.cut_at
-            # the proxy held more of that notification than it let through: cut mid-record
-            assert conn.down.forwarded == after < conn.down.received
-            dropped_at = await until(lambda: mon.drops >= 1, 2.0 + DETECT + 1,
-                                     "the monitor to see the cut")
-            if toxic == "slow_close":
-                assert 1.9 <= dropped_at - cut_at < 2.0 + DETECT, dropped_at - cut_at
-            else:
-                assert dropped_at - cut_at < DETECT
-            sent += [await alice.notify(f"@bob:n{i}.{tag}", f"value {i}") for i in range(4, 7)]
-            got += await collect(mon, 4)
-            extra = await nothing_more(mon)
-            await asyncio.wait_for(conn.wait_closed(), 10)
-            assert conn.how == ("reset" if toxic == "reset_peer" else "close")
-            assert extra == []
-            assert [n.id for n in got] == sent
-            assert [n.value for n in got] == [f"value {i}" for i in range(7)]
-            assert mon.drops >= 1 and mon.connects >= 2
-            await mon.close()
+        async with ToxicProxy(proc.ports["@bob"]) as proxy:
+            async with at_client(proc, "@alice") as alice, \
+                    at_client(proc, "@bob", proxy.port) as bob:
+                mon = bob.monitor(rf"\.{tag}@alice", backoff_base=0.05, backoff_cap=0.2)
+                await mon.start()
+                sent = [await alice.notify(f"@bob:n{i}.{tag}", f"value {i}") for i in range(3)]
+                got = await collect(mon, 3)
+                assert len(proxy.conns) == 2            # bob's main connection, then the monitor's
+                conn = proxy.conns[1]
+                after = conn.down.forwarded + 200
+                cut = ResetPeer(after) if toxic == "reset_peer" else LimitData(after)
+                proxy.add(cut, direction="down", where=conn)
+                if toxic == "slow_close":
+                    proxy.add(SlowClose(2.0), direction="down", where=conn)
+                sent.append(await alice.notify(f"@bob:n3.{tag}", "value 3"))   # cut mid-way
+                await until(lambda: conn.down.cut_at is not None, 10, "the cut")
+                cut_at = conn.down.cut_at
+                # the proxy held more of that notification than it let through: cut mid-record
+                assert conn.down.forwarded == after < conn.down.received
+                dropped_at = await until(lambda: mon.drops >= 1, 2.0 + DETECT + 1,
+                                         "the monitor to see the cut")
+                if toxic == "slow_close":
+                    assert 1.9 <= dropped_at - cut_at < 2.0 + DETECT, dropped_at - cut_at
+                else:
+                    assert dropped_at - cut_at < DETECT
+                sent += [await alice.notify(f"@bob:n{i}.{tag}", f"value {i}") for i in range(4, 7)]
+                got += await collect(mon, 4)
+                extra = await nothing_more(mon)
+                await asyncio.wait_for(conn.wait_closed(), 10)
+                assert conn.how == ("reset" if toxic == "reset_peer" else "close")
+                assert extra == []
+                assert [n.id for n in got] == sent
+                assert [n.value for n in got] == [f"value {i}" for i in range(7)]
+                assert mon.drops >= 1 and mon.connects >= 2
+                await mon.close()
+            # every connection bob opened through the proxy (main, monitor, failed
+            # tries) is closed again
+            await until(lambda: proxy.live == 0, 10, "bob's connections to close")
         assert proxy.errors == []
 
     run(main(), timeout=60)
@@ -845,33 +857,36 @@ def test_monitor_recovers_from_a_black_hole_exactly_once(shared_atserver, run,
     interval, timeout = 0.3, 0.5
 
     async def main():
-        async with ToxicProxy(proc.ports["@bob"]) as proxy, \
-                at_client(proc, "@alice") as alice, \
-                at_client(proc, "@bob", proxy.port, connect_timeout=1.0,
-                          request_timeout=2.0) as bob:
-            mon = bob.monitor(rf"\.{tag}@alice", heartbeat_interval=interval,
-                              heartbeat_timeout=timeout, backoff_base=0.1, backoff_cap=0.3)
-            await mon.start()
-            sent = [await alice.notify(f"@bob:b{i}.{tag}", f"before {i}") for i in range(2)]
-            got = await collect(mon, 2)
-            hole = proxy.add(Timeout())
-            holed_at = time.monotonic()
-            sent += [await alice.notify(f"@bob:h{i}.{tag}", f"in hole {i}") for i in range(3)]
-            lost_at = await until(lambda: not mon.ready, interval + timeout + DETECT,
-                                  "the heartbeat to notice")
-            assert lost_at - holed_at < interval + timeout + DETECT
-            # it keeps trying while the hole lasts (each try times out inside it)
-            await until(lambda: mon.drops >= 2, 10, "a failed reconnect")
-            assert not mon.ready
-            proxy.remove(hole)
-            got += await collect(mon, 3)
-            sent += [await alice.notify(f"@bob:a{i}.{tag}", f"after {i}") for i in range(2)]
-            got += await collect(mon, 2)
-            assert await nothing_more(mon) == []
-            assert [n.id for n in got] == sent
-            assert [n.value for n in got] == ["before 0", "before 1", "in hole 0", "in hole 1",
-                                              "in hole 2", "after 0", "after 1"]
-            await mon.close()
+        async with ToxicProxy(proc.ports["@bob"]) as proxy:
+            async with at_client(proc, "@alice") as alice, \
+                    at_client(proc, "@bob", proxy.port, connect_timeout=1.0,
+                              request_timeout=2.0) as bob:
+                mon = bob.monitor(rf"\.{tag}@alice", heartbeat_interval=interval,
+                                  heartbeat_timeout=timeout, backoff_base=0.1, backoff_cap=0.3)
+                await mon.start()
+                sent = [await alice.notify(f"@bob:b{i}.{tag}", f"before {i}") for i in range(2)]
+                got = await collect(mon, 2)
+                hole = proxy.add(Timeout())
+                holed_at = time.monotonic()
+                sent += [await alice.notify(f"@bob:h{i}.{tag}", f"in hole {i}") for i in range(3)]
+                lost_at = await until(lambda: not mon.ready, interval + timeout + DETECT,
+                                      "the heartbeat to notice")
+                assert lost_at - holed_at < interval + timeout + DETECT
+                # it keeps trying while the hole lasts (each try times out inside it)
+                await until(lambda: mon.drops >= 2, 10, "a failed reconnect")
+                assert not mon.ready
+                proxy.remove(hole)
+                got += await collect(mon, 3)
+                sent += [await alice.notify(f"@bob:a{i}.{tag}", f"after {i}") for i in range(2)]
+                got += await collect(mon, 2)
+                assert await nothing_more(mon) == []
+                assert [n.id for n in got] == sent
+                assert [n.value for n in got] == ["before 0", "before 1", "in hole 0", "in hole 1",
+                                                  "in hole 2", "after 0", "after 1"]
+                await mon.close()
+            # every connection bob opened through the proxy (main, monitor, failed
+            # tries) is closed again
+            await until(lambda: proxy.live == 0, 10, "bob's connections to close")
         assert proxy.errors == []
 
     run(main(), timeout=60)
@@ -929,6 +944,8 @@ def test_notify_and_monitor_through_benign_toxics(shared_atserver, run, toxic):
                     # each value (hex, then encrypted and base64'd) is > 300 kB on the wire
                     assert min(took) >= 0.3, took
                 await mon.close()
+            for proxy in (pa, pb):
+                await until(lambda p=proxy: p.live == 0, 10, "the clients' connections to close")
         for proxy in (pa, pb):
             assert proxy.errors == []
 

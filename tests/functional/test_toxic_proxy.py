@@ -242,7 +242,7 @@ def test_bandwidth_limits_the_rate(run, event_loop_kind):
             start = time.monotonic()
             await loop.sock_sendall(server, payload)
             assert await recv_n(client, len(payload)) == payload
-            assert time.monotonic() - start < 0.2
+            assert time.monotonic() - start < elapsed / 2
 
     run(main())
 
