@@ -145,7 +145,7 @@ class AtKeys:
 
         def private(name: str) -> RSAPrivateKey:
             try:
-                return private_key_from_b64(_decrypt_field(self_key, name, doc[name]))
+                return private_key_from_b64(_decrypt_field(self_key, name, doc[name]), trusted=True)
             except ValueError as exc:
                 raise AtKeysError(f"{name} does not hold an RSA private key: {exc}") from None
 

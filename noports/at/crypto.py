@@ -117,11 +117,16 @@ def private_key_to_b64(key: RSAPrivateKey) -> str:
                                   serialization.NoEncryption()))
 
 
-def private_key_from_b64(text: str) -> RSAPrivateKey:
-    """Inverse of :func:`private_key_to_b64`; ValueError for anything but an RSA private key."""
+def private_key_from_b64(text: str, *, trusted: bool = False) -> RSAPrivateKey:
+    """Inverse of :func:`private_key_to_b64`; ValueError for anything but an RSA private key.
+
+    ``trusted=True`` skips OpenSSL's RSA consistency check (about 50 ms of CPU per 2048-bit key,
+    most of npt's start-up): only for keys from the user's own .atKeys file, whose loader checks
+    that each private key matches its public half instead."""
     der = b64d(text)
     try:
-        key = serialization.load_der_private_key(der, password=None)
+        key = serialization.load_der_private_key(
+            der, password=None, unsafe_skip_rsa_key_validation=trusted)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # TypeError: the DER is a password-encrypted PKCS#8 structure.
         raise ValueError(f"not an unencrypted DER PKCS#8 private key: {exc}") from None

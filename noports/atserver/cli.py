@@ -27,13 +27,21 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("noports.atserver")
 
+_EPILOG = """\
+exit codes:
+  0  stopped by SIGTERM or SIGINT (connections closed, store flushed)
+  1  start-up failure (a port in use, the state directory unusable, ...)
+  2  bad flags
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atserver",
         description="Embedded atProtocol root directory + atServer hosting any number of "
                     "atSigns (each on its own TLS port), with a local CA.  When ready it prints "
-                    "one JSON line on stdout: {\"event\":\"ready\",...}.")
+                    "one JSON line on stdout: {\"event\":\"ready\",...}.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", required=True, type=Path,
                    help="directory for the SQLite store, the CA (ca.pem) and CRAM secrets")
     p.add_argument("--host", default="127.0.0.1",
