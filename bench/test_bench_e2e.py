@@ -306,6 +306,7 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
     socats: list[subprocess.Popen] = []
     runners: dict[str, int] = {}
     cpu: dict[str, list[list[float]]] = {}   # case -> samples -> per process
+    load0 = os.getloadavg()     # other work on the machine blurs absolute figures: say so
     try:
         hop_ports = [_free_port() for _ in range(3)]
         for listen, target in zip(hop_ports, [*hop_ports[1:], stack.sink_port], strict=True):
@@ -369,7 +370,7 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
              for name in cpu}
     per_process = {name: {role: round(harness.median([x[i] for x in v]), 3)
                           for i, role in enumerate(roles[name])} for name, v in cpu.items()}
-    extra = {"seconds_per_sample": SECONDS,
+    extra = {"seconds_per_sample": SECONDS, "loadavg_before_after": [load0, os.getloadavg()],
              "samples_MBps": {k: [round(x, 1) for x in v] for k, v in samples.items()},
              "cpu_s_per_GB": {k: [round(sum(x), 3) for x in v] for k, v in cpu.items()},
              "cpu_s_per_GB_by_process": per_process}
@@ -407,6 +408,7 @@ def test_e2e_setup_time(benchmark, stack):
     runner_pids: list[int] = []
     ports: dict[str, set[int]] = {impl: set() for impl in IMPLS}
     exit_times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    load0 = os.getloadavg()
 
     def npt_case(impl: str):
         def run() -> float:
@@ -447,7 +449,8 @@ def test_e2e_setup_time(benchmark, stack):
 
     p50 = {k: harness.median(v) * 1000 for k, v in samples.items()}
     p90 = {k: _percentile(v, 0.9) * 1000 for k, v in samples.items()}
-    extra = {"runs": SETUP_RUNS, "target_ms": SETUP_TARGET_S * 1000,
+    extra = {"runs": SETUP_RUNS, "loadavg_before_after": [load0, os.getloadavg()],
+             "target_ms": SETUP_TARGET_S * 1000,
              "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},
              "p90_ms": {k: round(v, 1) for k, v in p90.items()},
              # when npt's stdout closed (its parent exited): what `$(npt -x ...)` waits for

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atserver",
         description="Embedded atProtocol root directory + atServer hosting any number of "
-                    "atSigns (each on its own TLS port), with a local CA.  When ready it prints "
-                    "one JSON line on stdout: {\"event\":\"ready\",...}.",
+                    "atSigns\n(each on its own TLS port), with a local CA.  When ready it prints "
+                    "one JSON line\non stdout: {\"event\":\"ready\",...}.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", required=True, type=Path,
                    help="directory for the SQLite store, the CA (ca.pem) and CRAM secrets")

@@ -31,8 +31,10 @@ from noports.at.names import normalize_atsign, validate_device_name
 from noports.at.root import DEFAULT_ROOT, parse_root_address
 from noports.client import debug
 from noports.client.detach import Handoff, run_detached
+from noports.client.keepalive import KEEP_ALIVE_TIMEOUT_S
 from noports.client.keygen import EphemeralKey
-from noports.client.phases import EXIT_CODES, PhaseError, ended_error
+from noports.client.listing import LIST_TIMEOUT
+from noports.client.phases import DEFAULT_TIMEOUT_S, EXIT_CODES, PhaseError, ended_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from noports.client.session import Progress, SessionOptions
@@ -99,15 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "session, asks the device daemon (-t, -d) to connect it to -h:-p, and "
                     "listens on a local port that leads there.")
     p.add_argument("--help", action="help", help="show this help and exit")
-    p.add_argument("-f", "--from", dest="client", required=True, metavar="@CLIENT",
-                   help="the client atSign (yours)")
-    p.add_argument("-t", "--to", dest="daemon", required=True, metavar="@DAEMON",
-                   help="the device daemon's atSign")
-    p.add_argument("-r", "--srvd", dest="relay", required=True, metavar="@RELAY",
-                   help="the relay's atSign")
-    p.add_argument("-d", "--device", required=True, help="the device name")
-    p.add_argument("-p", "--remote-port", "--rp", dest="remote_port", required=True, type=_port,
-                   metavar="PORT", help="the port to reach on the device's network")
+    # Mandatory for a tunnel, but --list-devices needs only -f: parse_args checks them (with
+    # argparse's own wording) once it knows which of the two it is.
+    p.add_argument("-f", "--from", dest="client", metavar="@CLIENT",
+                   help="the client atSign (yours); always required")
+    p.add_argument("-t", "--to", dest="daemon", metavar="@DAEMON",
+                   help="the device daemon's atSign (required, except with --list-devices)")
+    p.add_argument("-r", "--srvd", dest="relay", metavar="@RELAY",
+                   help="the relay's atSign (required for a tunnel)")
+    p.add_argument("-d", "--device", help="the device name (required for a tunnel)")
+    p.add_argument("-p", "--remote-port", "--rp", dest="remote_port", type=_port,
+                   metavar="PORT", help="the port to reach on the device's network "
+                                        "(required for a tunnel)")
     p.add_argument("-h", "--remote-host", "--rh", dest="remote_host", default="localhost",
                    metavar="HOST", help="the host to reach, as the device sees it "
                                         "(default localhost)")
@@ -128,12 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-x", "--exit-when-connected", action="store_true",
                    help="once the tunnel is up, print its port, leave it running in the "
                         "background (until -T idle time passes) and exit")
-    p.add_argument("-T", "--timeout", type=_duration, default=30, metavar="DURATION",
+    p.add_argument("-K", "--keep-alive", dest="keep_alive", action="store_true",
+                   help="re-create the session 5 s after it ends (back-off up to 60 s), on the "
+                        "same local port; runs until Ctrl-C; not with -x; sets -T to 24h "
+                        "unless -T is given")
+    p.add_argument("-T", "--timeout", type=_duration, default=None, metavar="DURATION",
                    help="idle timeout: the tunnel closes after this long without "
-                        "connections; 30s, 1h, 1h,14m,30s, 7d; 0 = 365 days (default 30s)")
+                        "connections; 30s, 1h, 1h,14m,30s, 7d; 0 = 365 days (default 30s; "
+                        "24h with -K)")
     p.add_argument("--encrypt-rvd-traffic", "--et", dest="encrypt",
                    action=argparse.BooleanOptionalAction, default=True,
                    help="encrypt the traffic end to end through the relay (default on)")
+    p.add_argument("--list-devices", "--ls", dest="list_devices", action="store_true",
+                   help="list the devices shared with -f (those of -t only, if given): "
+                        "pings each and prints a table of device, atSign, status "
+                        "(active/inactive), version and permit-open, then exits")
+    p.add_argument("--json", action="store_true",
+                   help="with --list-devices: print JSON instead of the table")
+    p.add_argument("--list-timeout", dest="list_timeout", type=_seconds,
+                   default=LIST_TIMEOUT, metavar="SECONDS",
+                   help=f"with --list-devices: how long to wait for the devices' answers "
+                        f"(default {LIST_TIMEOUT:g})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log on stderr (-v info, -vv debug)")
@@ -154,15 +174,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; exits 2 with a message for anything wrong."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    needed = [("client", "-f/--from")]
+    if not args.list_devices:
+        needed += [("daemon", "-t/--to"), ("relay", "-r/--srvd"), ("device", "-d/--device"),
+                   ("remote_port", "-p/--remote-port")]
+    missing = [flag for name, flag in needed if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     for name, flag in (("client", "-f/--from"), ("daemon", "-t/--to"), ("relay", "-r/--srvd")):
+        if getattr(args, name) is None:
+            continue
         try:
             setattr(args, name, normalize_atsign(getattr(args, name)))
         except InvalidAtSignError as exc:
             parser.error(f"{flag}: {exc}")
-    try:
-        args.device = validate_device_name(args.device)
-    except InvalidDeviceNameError as exc:
-        parser.error(f"-d/--device: {exc}")
+    if args.device is not None:
+        try:
+            args.device = validate_device_name(args.device)
+        except InvalidDeviceNameError as exc:
+            parser.error(f"-d/--device: {exc}")
+    if args.keep_alive and args.exit_when_connected:
+        parser.error("-K/--keep-alive and -x/--exit-when-connected cannot be used together "
+                     "(-x leaves the tunnel to a background process that ends with it)")
+    if args.list_devices and (args.keep_alive or args.exit_when_connected):
+        parser.error("--list-devices lists and exits: not with -K or -x")
+    if args.json and not args.list_devices:
+        parser.error("--json goes with --list-devices")
+    if args.timeout is None:
+        args.timeout = KEEP_ALIVE_TIMEOUT_S if args.keep_alive else DEFAULT_TIMEOUT_S
+    if args.list_devices:
+        if args.key_file is None:
+            args.key_file = default_keys_path(args.client)
+        try:
+            parse_root_address(args.root_domain, default_port=64)
+        except ValueError as exc:
+            parser.error(f"--root-domain: {exc}")
+        return args
     if args.remote_port == 0:
         parser.error("-p/--remote-port: must be 1..65535")
     host = args.remote_host.strip()
@@ -196,6 +243,86 @@ def _setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _stop_event():
+    """An event Ctrl-C / SIGTERM set (instead of raising KeyboardInterrupt mid-await)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve_keep_alive(opts: SessionOptions, progress: Progress,
+                            ephemeral: EphemeralKey) -> int:
+    """-K: sessions back to back until Ctrl-C (keepalive.py)."""
+    from noports.client.keepalive import keep_alive
+
+    return await keep_alive(opts, progress, ephemeral, _stop_event())
+
+
+async def _list(args: argparse.Namespace, progress: Progress) -> int:
+    """--list-devices: log in, list, print; exit 0 even when no device answers."""
+    import asyncio
+
+    from noports.at.atkeys import AtKeys
+    from noports.at.client import AtClient
+    from noports.client.listing import list_devices, render_json, render_table
+
+    try:
+        keys = AtKeys.load(args.key_file, args.client)
+    except (NoPortsError, OSError, ValueError) as exc:
+        err = PhaseError("keys", f"cannot read the keys of {args.client} from "
+                                 f"{args.key_file}: {exc}")
+        progress.error(str(err))
+        return err.exit_code
+    client = AtClient(args.client, keys, root=args.root_domain, ca_file=args.ca_file)
+    stop = _stop_event()
+    daemons = [args.daemon] if args.daemon else None
+
+    async def work():
+        try:
+            await asyncio.wait_for(client.connect(), 20.0)
+        except (NoPortsError, OSError, ValueError, asyncio.TimeoutError) as exc:
+            raise PhaseError("atserver", f"cannot log in as {args.client}: "
+                                         f"{exc or type(exc).__name__}") from None
+        progress.step("atserver", f"logged in as {args.client}")
+        progress.step("list", f"looking for devices{' of ' + args.daemon if daemons else ''}; "
+                              f"pinging them for up to {args.list_timeout:g} s")
+        try:
+            return await list_devices(client, daemons, device=args.device,
+                                      timeout=args.list_timeout)
+        except (NoPortsError, OSError, asyncio.TimeoutError) as exc:
+            raise PhaseError("atserver", f"cannot list the devices: "
+                                         f"{exc or type(exc).__name__}") from None
+
+    task = asyncio.ensure_future(work())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            progress.error("interrupted")
+            return EXIT_INTERRUPTED
+        try:
+            rows = task.result()
+        except PhaseError as exc:
+            progress.error(str(exc))
+            return exc.exit_code
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(client.close(), 2.0)
+    text = (render_json(rows, timeout=args.list_timeout) if args.json
+            else render_table(rows, timeout=args.list_timeout, daemons=daemons))
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0
+
+
 async def _serve(opts: SessionOptions, progress: Progress, ephemeral: EphemeralKey,
                  handoff: Handoff | None) -> int:
     """One session from set-up to its end; the exit status."""
@@ -203,11 +330,7 @@ async def _serve(opts: SessionOptions, progress: Progress, ephemeral: EphemeralK
 
     from noports.client.session import NptSession
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_event()
     session = NptSession(opts, progress, ephemeral=ephemeral)
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -276,8 +399,10 @@ def _run(args: argparse.Namespace, handoff: Handoff | None) -> int:
     progress = Progress(quiet=args.quiet, started=_STARTED)
     debug.install_connection_hook()
     loop = _new_loop(args.no_uvloop)
+    main = (_serve_keep_alive(opts, progress, ephemeral) if args.keep_alive
+            else _serve(opts, progress, ephemeral, handoff))
     try:
-        return loop.run_until_complete(_serve(opts, progress, ephemeral, handoff))
+        return loop.run_until_complete(main)
     except NoPortsError as exc:            # pragma: no cover - every phase maps its own errors
         progress.error(str(exc))
         return 1
@@ -293,9 +418,28 @@ def _run(args: argparse.Namespace, handoff: Handoff | None) -> int:
         loop.close()
 
 
+def _run_list(args: argparse.Namespace) -> int:
+    from noports.client.session import Progress
+
+    progress = Progress(quiet=args.quiet, started=_STARTED)
+    loop = _new_loop(args.no_uvloop)
+    try:
+        return loop.run_until_complete(_list(args, progress))
+    except Exception as exc:
+        log.error("internal error", exc_info=exc)
+        progress.error(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.verbose)
+    if args.list_devices:
+        return _run_list(args)
     if args.exit_when_connected:
         return run_detached(lambda handoff: _run(args, handoff), quiet=args.quiet)
     return _run(args, None)

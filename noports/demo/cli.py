@@ -91,13 +91,14 @@ async def _main(opts: DemoOptions, state_dir: Path, phases: Phases) -> int:
         if got["signal"] is None:
             got["signal"] = sig
             cancel_main()
-        else:
-            phases.say("  (stopping; a program that does not stop gets SIGKILL after its grace "
-                       "period)")
+        elif not demo.hurry:
+            demo.hurry = True
+            phases.say("  (stopping faster: whatever has not stopped 1 s after its signal gets "
+                       "SIGKILL)")
 
+    demo = Demo(opts, state_dir, phases)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    demo = Demo(opts, state_dir, phases)
     failure: PhaseFailed | None = None
     waiting = False
     code = EXIT_OK
@@ -127,12 +128,7 @@ async def _main(opts: DemoOptions, state_dir: Path, phases: Phases) -> int:
         stopping = True
         if failure is not None:
             phases.failed(failure)
-        with phases.run("stop") as ph:
-            problems = await demo.stop()
-            shutil.rmtree(state_dir, ignore_errors=True)
-            removed = "state directory removed" if not state_dir.exists() \
-                else f"could not remove {state_dir}"
-            ph.text = f"{', '.join(demo.stopped) or 'nothing running'} stopped; {removed}"
+        problems = await _stop(demo, state_dir, phases)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     if problems and code == EXIT_OK:
@@ -149,6 +145,22 @@ async def _main(opts: DemoOptions, state_dir: Path, phases: Phases) -> int:
     elif code == EXIT_FAILED and failure is not None:
         phases.say(f"FAILED in the {failure.phase} phase (exit {code})")
     return code
+
+
+async def _stop(demo: Demo, state_dir: Path, phases: Phases) -> list[str]:
+    """The ``stop`` phase: every program stopped, the state directory removed; the problems."""
+    try:
+        with phases.run("stop") as ph:
+            problems = await demo.stop()
+            shutil.rmtree(state_dir, ignore_errors=True)
+            if state_dir.exists():
+                problems.append(f"could not remove {state_dir}")
+            ph.text = (f"{', '.join(demo.stopped) or 'nothing was running'}"
+                       f"{' stopped' if demo.stopped else ''}; state directory "
+                       f"{'removed' if not state_dir.exists() else 'NOT removed'}")
+    except PhaseFailed as exc:               # a bug in stopping: say so, still exit
+        return [exc.message]
+    return problems
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

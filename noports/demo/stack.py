@@ -172,6 +172,7 @@ class Demo:
         self.web_token = ""
         self.tunnel_port = 0
         self.stopped: list[str] = []
+        self.hurry = False                   # a second Ctrl-C: short grace periods
 
     def keys(self, atsign: str) -> str:
         return str(self.keys_dir / f"{atsign}_key.atKeys")
@@ -221,8 +222,8 @@ class Demo:
             if not Path(self.keys(atsign)).is_file():
                 raise ChildError(f"atserver did not write {self.keys(atsign)}", child.tail())
         prog.shown_args = args(root_port)   # by hand one picks the port: show this run's
-        hosted = ", ".join(f"{a} :{p}" for a, p in ports.items())
-        return f"root {self.root} + atServer hosting {hosted}; all activated (TLS, own CA)"
+        return (f"root {self.root} and atServer up; {', '.join(ports)} hosted and activated "
+                f"(TLS, own CA)")
 
     async def _web(self) -> str:
         prog = Program("web", None, "noports.demo.webservice", ["--host", HOST, "--port", "0"])
@@ -393,6 +394,9 @@ class Demo:
 
     # -- stop -----------------------------------------------------------------------------------
 
+    def _grace(self, seconds: float) -> float:
+        return 1.0 if self.hurry else seconds
+
     async def stop(self) -> list[str]:
         """Stop everything that was started, in order; the list of problems (empty: clean)."""
         problems: list[str] = []
@@ -401,7 +405,7 @@ class Demo:
         if npt is not None and npt.child is not None and npt.child.returncode is None:
             # interrupted while npt -x was setting up: SIGINT is what makes it stop its
             # background runner too (it is in a session of its own)
-            _, killed = await npt.child.stop(signal.SIGINT, grace=8.0)
+            _, killed = await npt.child.stop(signal.SIGINT, grace=self._grace(8.0))
             stopped.append("npt -x")
             if killed:
                 problems.append("npt -x needed SIGKILL")
@@ -409,14 +413,14 @@ class Demo:
         if self.runner is not None:
             if self.runner.alive():
                 stopped.append("npt runner")
-            if await self.runner.stop(signal.SIGTERM, grace=8.0):
+            if await self.runner.stop(signal.SIGTERM, grace=self._grace(8.0)):
                 problems.append(f"the npt runner (pid {self.runner.pid}) needed SIGKILL")
         for name in ("npd", "srvd", "atserver", "web"):
             prog = self.programs.get(name)
             if prog is None or prog.child is None or prog.child.proc is None:
                 continue
             was_running = prog.child.returncode is None
-            code, killed = await prog.child.stop(signal.SIGTERM, grace=15.0)
+            code, killed = await prog.child.stop(signal.SIGTERM, grace=self._grace(15.0))
             if was_running:
                 stopped.append("web service" if name == "web" else name)
                 if killed:

@@ -294,7 +294,11 @@ class WorkerPool:
     # -- workers ------------------------------------------------------------------------------
     async def start(self, timeout: float = 30.0) -> None:
         """Start every worker and wait until each says it is ready (RuntimeError if not)."""
-        workers = [await self._spawn(i) for i in range(self.count)]
+        try:
+            workers = [await self._spawn(i) for i in range(self.count)]
+        except BaseException:
+            await self.kill()      # the ones already started must not linger
+            raise
         done, pending = await asyncio.wait([w.ready for w in workers], timeout=timeout)
         failed = [w.index for w in workers if w.ready not in done or w.ready.exception()]
         if failed or pending:

@@ -164,7 +164,8 @@ def test_demo_runs_every_phase_checks_the_page_and_the_sha256_and_exits_0():
     assert proc.returncode == 0, out + proc.stderr
     phases = phase_lines(out)
     assert list(phases) == PHASES, out                        # each phase once, in order
-    assert re.search(r"@client :\d+, @daemon :\d+, @relay :\d+; all activated", phases["atserver"])
+    assert re.search(r"root 127\.0\.0\.1:\d+ and atServer up; @client, @daemon, @relay hosted "
+                     r"and activated", phases["atserver"]), out
     tunnel = re.search(r"tunnel 127\.0\.0\.1:(\d+) -> @relay -> @daemon -> 127\.0\.0\.1:(\d+)",
                        phases["npt"])
     web_port = re.search(r"web service on 127\.0\.0\.1:(\d+)", phases["web"]).group(1)
@@ -200,12 +201,14 @@ def _web_has_a_transfer(demo: DemoProcess, web_port: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("when", ["atserver", "npt", "transfer"])
-def test_sigint_stops_everything_removes_the_state_and_exits_130(demos, when):
+@pytest.mark.parametrize("when, sig", [("atserver", signal.SIGINT), ("npt", signal.SIGINT),
+                                       ("transfer", signal.SIGINT), ("npd", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_stops_everything_and_removes_the_state(demos, when, sig):
+    """SIGINT: exit 130; SIGTERM: exit 143."""
     demo = demos("--size", "100000")       # the transfer cannot finish before the SIGINT
     state = Path(demo.wait_line(r"^state directory (\S+) ").group(1))
-    if when == "atserver":
-        demo.wait_line(r"^\s+\d+\.\d\d s  atserver ")
+    if when in ("atserver", "npd"):
+        demo.wait_line(rf"^\s+\d+\.\d\d s  {when} ")
     elif when == "npt":
         # npt -x is running (its background runner may or may not exist yet)
         wait_until(lambda: _npt_started(demo), 120, "npt -x to start")
@@ -220,11 +223,11 @@ def test_sigint_stops_everything_removes_the_state_and_exits_130(demos, when):
     if runner:
         seen.add(int(runner.group(1)))
     assert seen, "nothing was running"
-    demo.proc.send_signal(signal.SIGINT)
+    demo.proc.send_signal(sig)
     code = demo.finish(90)
     out = demo.text()
-    assert code == 130, out
-    assert "interrupted (SIGINT); stopping" in out, out
+    assert code == 128 + sig, out
+    assert f"interrupted ({signal.Signals(sig).name}); stopping" in out, out
     assert re.search(r"^\s+\d+\.\d\d s  stop .*state directory removed$", out, re.M), out
     assert not state.exists(), out
     assert [pid for pid in seen if not gone(pid)] == [], out

@@ -26,7 +26,9 @@ API
 ``direction``: ``"up"`` (accepted client -> upstream), ``"down"`` (upstream -> client) or
 ``"both"``.  ``where`` picks connections: None (every connection, live and future), an index,
 a :class:`ProxyConn`, a collection of either, or a predicate ``conn -> bool`` (evaluated when
-the toxic is consulted).  ``proxy.existing()`` is a ``where`` for "the connections open now".
+the toxic is consulted).  ``proxy.existing()`` is a ``where`` for "the connections open now";
+``where_index_at_least(1)`` one for "every connection but the first" (e.g. a tunnel end's data
+sockets, its control socket being connection 0).
 
 Toxics (frozen dataclasses; one object may be added to many places)
 --------------------------------------------------------------------
