@@ -10,6 +10,8 @@ checking them before anything touches the network, the exit codes (listed in ``-
   or the daemon gone: a message naming the phase, non-zero);
 * ``-x``: the same session in a detached background process (``detach.py``); this process
   prints the port alone on the last line of stdout and exits 0 once the tunnel is up.
+* ``-K``: sessions back to back, re-created after each end (``keepalive.py``);
+* ``--list-devices``: list the devices shared with us and whether they answer (``listing.py``).
 """
 
 from __future__ import annotations

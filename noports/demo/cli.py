@@ -23,7 +23,7 @@ from noports.demo.stack import Demo, DemoOptions, PhaseFailed, Phases
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_CODES = (
     (0, "every phase passed (--keep: also when Ctrl-C then ends it)"),
     (1, "a phase failed; the message names it and shows the program's last output lines"),
@@ -163,11 +163,6 @@ async def _stop(demo: Demo, state_dir: Path, phases: Phases) -> list[str]:
     return problems
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    # the stock loop: the demo's own traffic is light next to the programs' (which use uvloop)
-    return asyncio.new_event_loop()
-
-
 def main(argv: list[str] | None = None, prog: str = "noports demo") -> int:
     args = build_parser(prog).parse_args(argv)
     opts = DemoOptions(size_mib=args.size, keep=args.keep)
@@ -176,7 +171,8 @@ def main(argv: list[str] | None = None, prog: str = "noports demo") -> int:
     try:
         phases.say(f"{prog} {__version__}: the NoPorts stack on 127.0.0.1 ({describe()})")
         phases.say(f"state directory {state_dir} (removed at the end)")
-        loop = _new_loop()
+        # the stock loop: the programs use uvloop; the demo's own part is hashing, not I/O
+        loop = asyncio.new_event_loop()
         try:
             return loop.run_until_complete(_main(opts, state_dir, phases))
         finally:

@@ -70,8 +70,11 @@ class Phases:
         self.t0 = time.perf_counter()
 
     def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        try:
+            self.out.write(text + "\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            pass          # nobody reads our output any more (`| head`): carry on, stop cleanly
 
     def line(self, seconds: float, name: str, text: str) -> None:
         self.say(f"{seconds:8.2f} s  {name:<{self.NAME_WIDTH}} {text}")

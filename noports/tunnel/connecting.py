@@ -2,8 +2,9 @@
 
 Owns: resolving a host, connecting within a deadline with the first bytes (the auth line, in
 clear: noports-protocol.md §5.3, §6) written at once, trying each address in turn, waiting until
-the previous relay socket's auth line has been acknowledged, and TCP keep-alive on the
-long-lived control socket.  Every socket is closed again on any failure or cancellation.
+the previous relay socket's auth line (only its auth line: not the data that followed it) has
+been acknowledged, and TCP keep-alive on the long-lived control socket.  Every socket is closed
+again on any failure or cancellation.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ if sys.platform.startswith("linux"):
 
     # on a TCP socket, Linux's TIOCOUTQ (= SIOCOUTQ) counts bytes not yet acknowledged
     _OUTQ: int | None = termios.TIOCOUTQ
+    # struct tcp_info (linux/tcp.h): u8 tcpi_state at 0; u64 tcpi_bytes_acked at 120 (Linux
+    # >= 4.1: bytes of data the peer has acknowledged, SYN excluded)
+    _TCP_INFO: int | None = getattr(socket, "TCP_INFO", 11)
 else:  # pragma: no cover - elsewhere the check is skipped
     _OUTQ = None
+    _TCP_INFO = None
+_TCPI_BYTES_ACKED = 120
+_TCPI_LEN = _TCPI_BYTES_ACKED + 8
+_TCP_CLOSE = 7             # tcpi_state of a socket that was reset or has finished closing
 
 __all__ = [
     "auth_line_delivered",
+    "bytes_acked",
     "connect_any",
     "connect_tcp",
     "describe",
@@ -81,21 +90,47 @@ def unacked_bytes(sock: socket.socket) -> int | None:
     return struct.unpack("i", raw)[0]
 
 
-async def auth_line_delivered(sock: socket.socket | None, limit: float = DELIVERY_WAIT) -> None:
-    """Wait (at most ``limit`` s) until the relay's TCP has acknowledged all we wrote on ``sock``.
+def bytes_acked(sock: socket.socket) -> int | None:
+    """Bytes of data written to a TCP socket that the peer has acknowledged (Linux TCP_INFO
+    tcpi_bytes_acked); None where the platform cannot say or the socket is gone; -1 when the
+    connection is already dead (reset or closed), so nothing it sends will be acknowledged."""
+    if _TCP_INFO is None or sock.fileno() < 0:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_LEN)
+    except OSError:
+        return None
+    if len(raw) < _TCPI_LEN:
+        return None         # a kernel older than 4.1: no byte count
+    if raw[0] == _TCP_CLOSE:
+        return -1
+    return struct.unpack_from("=Q", raw, _TCPI_BYTES_ACKED)[0]
+
+
+async def auth_line_delivered(sock: socket.socket | None, acked: int | None = None,
+                              limit: float = DELIVERY_WAIT) -> None:
+    """Wait (at most ``limit`` s) until the relay's TCP has acknowledged ``sock``'s auth line:
+    until ``bytes_acked(sock) >= acked`` (the count taken just before the line was written,
+    plus its length); ``acked=None``: until everything written so far is acknowledged.
 
     Why: the relay pairs sockets in the order their auth lines *complete*.  Opening socket k+1
     only once socket k's auth line has reached the relay keeps a lost-and-retransmitted auth
-    line from letting k+1 overtake k.  On a healthy path the ACK came back while k+1 was
-    connecting, so this costs nothing; where the kernel cannot tell us, it is skipped.
+    line from letting k+1 overtake k.  Only the auth line counts: the data socket k carries
+    afterwards (a bulk transfer) must not hold up k+1.  On a healthy path the ACK came back
+    long ago, so this costs nothing; where the kernel cannot tell us, it is skipped, and a
+    socket that is already dead is not waited for (its auth line will never be acknowledged).
     """
     if sock is None:
         return
     deadline = time.monotonic() + limit
     delay = 0.0005
     while True:
-        left = unacked_bytes(sock)
-        if not left or time.monotonic() >= deadline:
+        if acked is None:
+            done = not unacked_bytes(sock)
+        else:
+            now = bytes_acked(sock)
+            done = now is None or now < 0 or now >= acked
+        if done or time.monotonic() >= deadline:
             return
         await asyncio.sleep(delay)     # no event exists for "ACKed": poll, backing off
         delay = min(delay * 2, 0.02)

@@ -27,6 +27,7 @@ from noports.errors import NoPortsError
 from noports.relay.messages import AUTH_FAILED_LINE
 from noports.tunnel.connecting import (
     auth_line_delivered,
+    bytes_acked,
     connect_any,
     connect_tcp,
     describe,
@@ -69,7 +70,9 @@ class TunnelEnded:
     ``control_reset`` (the control socket failed), ``relay_refused`` (the relay rejected the
     control socket's auth line), ``protocol_error`` (garbage on the control channel),
     ``relay_unreachable`` (daemon end: a data socket to the relay could not be opened, so the
-    pairing of later connections could no longer be trusted), ``start_failed``,
+    pairing of later connections could no longer be trusted), ``pairing_lost`` (a data socket
+    failed before it was seen to be paired -- reset inside or right after its auth line -- so
+    the relay's FIFO pairing may be out of step), ``start_failed``,
     ``internal_error`` (a bug: logged with its traceback).
     """
 
@@ -216,6 +219,7 @@ class TunnelEnd:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._relay_addr: tuple | None = None
         self._last_relay: socket.socket | None = None   # the relay socket opened last
+        self._last_acked: int | None = None   # its bytes_acked once its auth line is ACKed
         self._control: ControlProtocol | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._splices: set = set()
@@ -276,12 +280,19 @@ class TunnelEnd:
         where = f"{self.relay_host}:{self.relay_port}"
         try:
             addrs = await resolve(loop, self.relay_host, self.relay_port)
-            sock, self._relay_addr = await connect_any(loop, addrs, self.connect_timeout,
-                                                       self.auth_line)
+            sock, self._relay_addr = await connect_any(loop, addrs, self.connect_timeout)
         except OSError as exc:
             raise TunnelError(f"cannot connect to the relay at {where}: {describe(exc)}") from None
+        try:
+            await self._send_auth_line(sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            raise TunnelError(f"cannot send the auth line to the relay at {where}: "
+                              f"{describe(exc) or 'timed out'}") from None
+        except BaseException:
+            sock.close()
+            raise
         keepalive(sock)
-        self._last_relay = sock
         send, recv = self._control_ciphers()
         proto = factory(self, send, recv)
         try:
@@ -298,20 +309,32 @@ class TunnelEnd:
     async def open_relay_socket(self) -> socket.socket:
         """A new data socket to the relay port that the control socket reached, auth line sent.
 
-        Callers open relay sockets one at a time; each new one writes its auth line only once
-        the previous one's has been acknowledged (see auth_line_delivered)."""
+        Callers open relay sockets one at a time; each new one is connected only once the
+        previous one's auth line (not what followed it) has been acknowledged, or 2 s have
+        passed (see auth_line_delivered).  The wait comes before the connect so that it never
+        counts against the relay's per-socket auth deadline."""
         family, sockaddr = self._relay_addr  # type: ignore[misc]
+        await auth_line_delivered(self._last_relay, self._last_acked)
         sock = await asyncio.wait_for(connect_tcp(self._loop, family, sockaddr),
                                       self.connect_timeout)
         try:
-            await auth_line_delivered(self._last_relay)
-            await asyncio.wait_for(self._loop.sock_sendall(sock, self.auth_line),
-                                   self.connect_timeout)
+            await self._send_auth_line(sock)
         except BaseException:
             sock.close()
             raise
-        self._last_relay = sock
         return sock
+
+    async def _send_auth_line(self, sock: socket.socket) -> None:
+        """Write the auth line on a just-connected relay socket; it becomes the one the next
+        relay socket waits for."""
+        base = bytes_acked(sock)
+        await asyncio.wait_for(self._loop.sock_sendall(sock, self.auth_line),  # type: ignore[union-attr]
+                               self.connect_timeout)
+        self._last_relay = sock
+        # None where TCP_INFO cannot say: then the wait is skipped, as it cannot be done right
+        self._last_acked = None if base is None or base < 0 else base + len(self.auth_line)
+        if self._last_acked is None:
+            self._last_relay = None
 
     def _opened(self) -> None:
         self.state = "open"
@@ -408,9 +431,15 @@ class TunnelEnd:
         self._own(plain, relay)
         splice = None
         try:
-            splice = await self.pump.open_splice_encrypted(
-                self._loop, plain, relay, encrypt=encrypt, decrypt=decrypt,
-                max_buffer=self.max_buffer)
+            try:
+                splice = await self.pump.open_splice_encrypted(
+                    self._loop, plain, relay, encrypt=encrypt, decrypt=decrypt,
+                    max_buffer=self.max_buffer)
+            except OSError as exc:
+                # most likely the relay socket died already, inside or right after its auth line
+                self._pairing_lost(f"a data socket failed before it could carry data "
+                                   f"({describe(exc)})")
+                raise
             self._splices.add(splice)
             if self.state != "open":
                 splice.close()    # the end began closing while this one was being set up
@@ -421,10 +450,32 @@ class TunnelEnd:
                       type(self).__name__, result.how_ended,
                       f" by {result.ended_by}" if result.ended_by else "",
                       result.bytes_plain_to_relay, result.bytes_relay_to_plain)
+            if (result.how_ended == "reset" and result.ended_by == "relay"
+                    and result.bytes_relay_to_plain == 0):
+                self._pairing_lost("a data socket was reset on the relay side before a single "
+                                   "byte came from the relay")
         finally:
             if splice is not None:
                 self._splices.discard(splice)
             self._conn_finished()
+
+    def _pairing_lost(self, what: str) -> None:
+        """A data socket failed before the relay could be seen to have paired it.
+
+        The relay pairs data sockets FIFO by auth completion (spec §5.2), with no id: if it
+        never paired this one (reset or refused inside or right after its auth line), the
+        peer's socket for the same connect: line waits on the other side and would be paired
+        with our *next* socket -- every later connection would reach the wrong keys, silently.
+        Nothing on the wire says which happened, so the session is ended.  A reset that came
+        through a real pair before any byte did (a peer that resets at once) ends it too:
+        the price of never mispairing."""
+        if self.state != "open":
+            return
+        log.warning("%s: %s; the relay may not have paired it, so the pairing of later "
+                    "connections can no longer be trusted: ending the session",
+                    type(self).__name__, what)
+        self._end("pairing_lost", f"{what}: the relay may not have paired it, so later "
+                                  "connections could be paired with the wrong peer socket")
 
     def _control_eof(self) -> None:
         self._end("control_closed", f"the control channel was closed: the {self.peer_name} "
