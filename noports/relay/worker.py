@@ -221,13 +221,24 @@ class Worker:
                 splice.close()
 
     # -- loops --
+    def push_stats(self) -> None:
+        """Send the counters now if they changed since the last report."""
+        current = snapshot(self.stats)
+        if current != self._last_sent:
+            self._last_sent = current
+            self.send({"t": "stats", "stats": current})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A filter on the relay's logger: before a line about a session reaches stderr, the
+        counters it implies are on their way to the main process (so whoever reads the line
+        and then the metrics sees them agree, as with one process)."""
+        self.push_stats()
+        return True
+
     async def _push_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            current = snapshot(self.stats)
-            if current != self._last_sent:
-                self._last_sent = current
-                self.send({"t": "stats", "stats": current})
+            self.push_stats()
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         drain: asyncio.Task | None = None
@@ -312,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:  # pragma: no cover - platforms without uvloop
             loop = asyncio.new_event_loop()
     worker = Worker(args.index, config, max_unauth)
+    log.addFilter(worker)
     try:
         return loop.run_until_complete(worker.run(sock))
     finally:

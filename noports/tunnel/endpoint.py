@@ -53,6 +53,11 @@ CONNECT_TIMEOUT = 10.0
 IDLE_GRACE = 5.0
 #: How long a closing end lets its control socket flush before aborting it.
 _CONTROL_FLUSH = 2.0
+#: Bytes a data socket the relay holds unpaired surely absorbs (kernel buffers) -- a socket
+#: reset after we wrote more than this, with nothing back, was more likely paired and cut.
+_UNPAIRED_ABSORBS = 64 * 1024
+#: How long a pairing loss waits for another, more telling end reason (the control socket).
+_PAIRING_GRACE = 0.2
 #: What the relay writes before closing a socket whose auth line it rejected, sans newline.
 _REFUSED = AUTH_FAILED_LINE.rstrip(b"\n")
 
@@ -451,7 +456,8 @@ class TunnelEnd:
                       f" by {result.ended_by}" if result.ended_by else "",
                       result.bytes_plain_to_relay, result.bytes_relay_to_plain)
             if (result.how_ended == "reset" and result.ended_by == "relay"
-                    and result.bytes_relay_to_plain == 0):
+                    and result.bytes_relay_to_plain == 0
+                    and result.bytes_plain_to_relay <= _UNPAIRED_ABSORBS):
                 self._pairing_lost("a data socket was reset on the relay side before a single "
                                    "byte came from the relay")
         finally:
@@ -467,8 +473,16 @@ class TunnelEnd:
         peer's socket for the same connect: line waits on the other side and would be paired
         with our *next* socket -- every later connection would reach the wrong keys, silently.
         Nothing on the wire says which happened, so the session is ended.  A reset that came
-        through a real pair before any byte did (a peer that resets at once) ends it too:
-        the price of never mispairing."""
+        through a real pair before any byte did (a peer that resets at once) ends it too --
+        the price of not mispairing; one after more than _UNPAIRED_ABSORBS bytes went out is
+        taken as a cut paired connection (so an unpaired socket then goes unnoticed)."""
+        if self.state != "open":
+            return
+        # the relay ending the whole session resets data and control sockets at once: give the
+        # control socket's reason a moment to win, so the session's end is reported as it was
+        self._loop.call_later(_PAIRING_GRACE, self._end_pairing_lost, what)  # type: ignore[union-attr]
+
+    def _end_pairing_lost(self, what: str) -> None:
         if self.state != "open":
             return
         log.warning("%s: %s; the relay may not have paired it, so the pairing of later "
