@@ -83,7 +83,7 @@ def test_sessions_spread_over_both_workers(hosted, srvd_workers, run, pump):
     """Four concurrent sessions on ``--workers 2`` land two on each worker (the least loaded,
     round robin on ties), each carries 4 MiB each way intact, and the metrics count them per
     worker and summed; each worker runs the pump asked for."""
-    relay = srvd_workers("--pairing-timeout", "2", pump=pump)
+    relay = srvd_workers("--pairing-timeout", "5", pump=pump)
     assert ", 2 workers, metrics on" in relay.wait_line(r"srvd @relay ready")
     for i in (0, 1):
         assert _impl_line(pump) in relay.wait_line(rf"worker {i} ready: pid \d+")
@@ -166,7 +166,7 @@ def test_sigkilled_worker_loses_only_its_own_sessions(hosted, srvd_workers, run,
     transfer, while the other worker's transfer completes intact (sha256).  The dead worker is
     restarted (new pid), the lost session is counted and logged, and new sessions still open
     and carry data, one of them on the restarted worker."""
-    relay = srvd_workers("--pairing-timeout", "3", pump=pump)
+    relay = srvd_workers("--pairing-timeout", "5", pump=pump)
     workers = relay.worker_pids()
 
     async def main():
