@@ -16,14 +16,15 @@ line, a third slowloris at 1 byte/s; at most 8,000 open at once.  Checked:
 
 Deviations, and why:
 - The stream is *paced*, at 15 % of the full-speed rate measured at the start (at most
-  150 MB/s), and never catches up after falling behind.  On this 2-core machine a full-speed
-  stream, its source and sink already use every cycle, so any storm -- even one srvd handled at
-  no cost -- would take the generator's own CPU out of the stream (measured here, with other
-  work on the machine: 0.55-0.80x, the generator using a third of a core).  A paced stream
-  measures what the row is about: whether srvd keeps serving the established session in time
-  while it fends off the storm; a relay that stalls for longer than the socket buffers absorb
-  (tens of milliseconds at this pace) shows up as lost throughput.  The full-speed rate and
-  every process's CPU share per window are recorded.
+  150 MB/s); after falling behind it makes up at most 50 ms of lag (its own scheduling jitter
+  on a busy machine), never more.  On this 2-core machine a full-speed stream, its source and
+  sink already use every cycle, so any storm -- even one srvd handled at no cost -- would take
+  the generator's own CPU out of the stream (measured here, with other work on the machine:
+  0.55-0.80x, the generator using a third of a core).  A paced stream measures what the row is
+  about: whether srvd keeps serving the established session in time while it fends off the
+  storm; a relay that stalls for longer than the socket buffers absorb plus those 50 ms (about
+  0.1 s at this pace) shows up as lost throughput.  The full-speed rate and every process's
+  CPU share per window are recorded.
 - The row says "in 60 s"; here each storm launches its 10,000 connections in about 10 s (a
   harder storm, and it keeps R1 near 1.5 min).  srvd's per-session cap on sockets in their auth
   phase (256) drops most silent and slowloris sockets of a storm at once, so about 4,000, not
