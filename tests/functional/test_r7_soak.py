@@ -20,7 +20,10 @@ nightly job sets 1800) this test runs at once:
 
 psutil samples RSS and FD counts of atserver, srvd, npd and the long stream's npt background
 process (each with its children) every 5 s.  Pass criteria, the row's, scaled to the run:
-warm-up = the first 20 %; RSS slope after warm-up (least squares) <= 5 MB per 10 min for every
+warm-up = the first 20 % but at least 150 s (measured: srvd's and the atServer's RSS still
+rise for 3-5 minutes while the allocator arenas, SQLite's page cache and the bounded AtKey parse
+caches fill, then level off; a leak hunt with tracemalloc found no accumulating objects);
+RSS slope after warm-up (least squares) <= 5 MB per 10 min for every
 process; FDs within +/- 10 of the post-warm-up baseline; 0 errors; set-up p99 of the last fifth
 <= 1.5 x the first fifth's.
 
@@ -73,6 +76,7 @@ STREAM_RATE = 256 * 1024            # bytes/s of the long stream
 STREAM_CHUNK = 16 * 1024
 SAMPLE_EVERY = 5.0
 WARMUP = 0.2                        # share of the run
+MIN_WARMUP = 150.0                  # seconds: below this the allocators are still warming up
 SESSION_TIMEOUT = 30.0
 NPT_TIMEOUT = 60.0
 PAIRING_WINDOW = 3.0                # srvd --pairing-timeout: unpaired/ended sessions go soon
@@ -463,7 +467,7 @@ def test_r7_soak_churn_long_stream_benign_toxics(tmp_path, run, record_property)
     long_pid: int | None = None
     soak = Soak()
     rng = random.Random(int(os.environ.get("NOPORTS_SOAK_SEED", str(random.randrange(1 << 30)))))
-    warmup = SECONDS * WARMUP
+    warmup = min(max(SECONDS * WARMUP, MIN_WARMUP), SECONDS * 0.8)
     try:
         srvd = SrvdProcess(atserver, base, "--pairing-timeout", str(PAIRING_WINDOW),
                            atsign=RELAY).ready()
