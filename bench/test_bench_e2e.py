@@ -19,7 +19,9 @@ npt), so both implementations are measured in the same run, interleaved (bench/h
     could be held to as a ratio, so nothing is gated; recorded against two floors measured in
     the same rounds: the interpreter's start-up (``python -c pass``) and a process that does
     only what npt must do before any NoPorts message (start, import the atProtocol client, load
-    the .atKeys, find the atServer through the root, TLS, PKAM login, close).
+    the .atKeys, find the atServer through the root, TLS, PKAM login, close).  Also recorded:
+    when npt's stdout closes (its parent has exited), which is what ``$(npt -x ...)`` waits
+    for.  Each sample's tunnel is stopped (SIGTERM to the runner) before the next sample.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +49,7 @@ from bench import harness
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "e2e"
 HOST = "127.0.0.1"
-SECONDS = 1 if harness.quick() else 3          # iperf3 -t per throughput sample
+SECONDS = 2 if harness.quick() else 3          # iperf3 -t per sample (1 s ones were too noisy)
 SETUP_RUNS = 10 if harness.quick() else 20     # npt -x start-ups per implementation
 SETUP_TARGET_S = 0.600
 IMPLS = ("compiled", "pure")
@@ -127,19 +131,43 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited: True, or False after ``timeout``.
+
+    npt's runner is not our child (its parent exited; it was re-parented to pid 1), so we
+    cannot waitpid() it; and a zombie counts as exited, because here pid 1 reaps orphans
+    only every second or so, which must not be charged to the next sample."""
+    try:
+        fd = os.pidfd_open(pid)           # readable once the process has terminated
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):     # no pidfd (old kernel, not Linux): poll the state
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.NoSuchProcess:
+                return True
+            time.sleep(0.005)
+        return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
 def _stop_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM one process this suite started (directly or as npt's runner), SIGKILL if it
-    lingers; returns once it is gone."""
+    lingers; returns once it has exited."""
     try:
-        proc = psutil.Process(pid)
-        proc.terminate()
-        proc.wait(timeout)
-    except psutil.NoSuchProcess:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
         return
-    except psutil.TimeoutExpired:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-            proc.wait(timeout)
+    if not _exited(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _exited(pid, timeout)
 
 
 def _iperf(port: int) -> tuple[float, int]:
@@ -274,7 +302,11 @@ class Stack:
         m = re.search(r"in the background as pid (\d+)", text_err)
         assert m, text_err
         pid = int(m.group(1))
-        self._check_impl(pid, impl, "npt runner")
+        try:
+            self._check_impl(pid, impl, "npt runner")
+        except BaseException:
+            _stop_pid(pid)
+            raise
         return t_line, t_eof, int(last), pid
 
     def close(self) -> None:
@@ -405,7 +437,7 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
 # --- (b) set-up time ------------------------------------------------------------------------
 
 def test_e2e_setup_time(benchmark, stack):
-    runner_pids: list[int] = []
+    live_runners: set[int] = set()      # started and not yet stopped (pids get reused)
     ports: dict[str, set[int]] = {impl: set() for impl in IMPLS}
     exit_times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     load0 = os.getloadavg()
@@ -413,11 +445,12 @@ def test_e2e_setup_time(benchmark, stack):
     def npt_case(impl: str):
         def run() -> float:
             elapsed, exited, port, pid = stack.npt_x(impl, "30s")
-            runner_pids.append(pid)
+            live_runners.add(pid)
             exit_times[impl].append(exited)
             ports[impl].add(port)
             # stop the tunnel now, so no session lingers into the next sample
             _stop_pid(pid)
+            live_runners.discard(pid)
             return elapsed
         return run
 
@@ -444,7 +477,7 @@ def test_e2e_setup_time(benchmark, stack):
         samples = benchmark.pedantic(
             lambda: harness.interleaved(cases, n_rounds=SETUP_RUNS), rounds=1, iterations=1)
     finally:
-        for pid in runner_pids:
+        for pid in live_runners:
             _stop_pid(pid)
 
     p50 = {k: harness.median(v) * 1000 for k, v in samples.items()}

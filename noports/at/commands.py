@@ -134,6 +134,7 @@ _META_BY_WIRE = {wire.lower(): (attr, kind) for attr, wire, kind in _META_FIELDS
 _META_BY_WIRE["hash"] = ("pub_key_hash", str)      # at_commons 5.0.1 / at_c spelling
 _META_BY_WIRE["algo"] = ("hashing_algo", str)
 _META_NAMES = frozenset(_META_BY_WIRE) | {"ttln"}
+_META_ENCODE = tuple((attr, f":{wire}:", kind is bool) for attr, wire, kind in _META_FIELDS)
 
 
 @dataclass
@@ -161,14 +162,17 @@ class Metadata:
 
     def encode(self) -> str:
         """``":ttl:5:isEncrypted:true:..."`` in the Dart server order ("" when empty)."""
+        # (on every notify: fields read from __dict__, wire prefixes made once, below)
+        fields = self.__dict__ if type(self) is Metadata else None
         parts = []
-        for attr, wire, kind in _META_FIELDS:
-            value = getattr(self, attr)
+        for attr, prefix, is_bool in _META_ENCODE:
+            value = fields.get(attr) if fields is not None else getattr(self, attr)
             if value is None:
                 continue
-            if kind is bool:
-                value = "true" if value else "false"
-            parts.append(f":{wire}:{value}")
+            if is_bool:
+                parts.append(prefix + ("true" if value else "false"))
+            else:
+                parts.append(f"{prefix}{value}")
         return "".join(parts)
 
     def is_empty(self) -> bool:

@@ -252,7 +252,11 @@ def test_keep_prints_the_running_commands_and_an_npt_command_that_works(demos):
         if not m:
             continue
         typed = shlex.split(lines[i + 1])
-        args = typed[typed.index("-m") + 2:] if "-m" in typed else typed[1:]
+        while typed and "=" in typed[0]:        # leading VAR=value assignments
+            typed.pop(0)
+        # "python -m noports.x ARGS" (not installed) or "npd ARGS" (console script); note
+        # that "-m" can also be an argument (npd's manager flag)
+        args = typed[3:] if len(typed) > 2 and typed[1] == "-m" else typed[1:]
         running = psutil.Process(int(m.group(1))).cmdline()
         module = running[running.index("-m") + 1]
         if module == "noports.atserver":
