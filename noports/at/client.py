@@ -101,11 +101,12 @@ def _meta_text(meta: dict | None, name: str) -> str | None:
 def new_notification_id() -> str:
     """A random (version 4) UUID's text, as ``str(uuid.uuid4())`` -- without building a UUID
     object, which costs several times more on the notify path."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40          # version 4
-    b[8] = (b[8] & 0x3F) | 0x80          # RFC 4122 variant
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = os.urandom(16).hex()
+    # version nibble 4; variant bits 10 (the nibble after the third dash is 8, 9, a or b)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def notify_line(nid: str, operation: str, ttln: int | None, md: Metadata, key: AtKey,
@@ -377,6 +378,9 @@ class AtClient:
             # instead of paying encode_command's parse-back check (tens of microseconds).
             # tests/unit/test_client_encoding.py holds it equal to encode_command.
             line = notify_line(nid, operation, ttln, md, akey, value)
+            conn = self._conn
+            if conn is not None and conn.is_open:     # (execute, minus one coroutine)
+                return await conn.send(line, self.request_timeout)
         else:
             line = Notify(akey, value, id=nid, operation=operation, ttln=ttln, metadata=md,
                           **options)

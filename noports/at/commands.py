@@ -137,6 +137,18 @@ _META_NAMES = frozenset(_META_BY_WIRE) | {"ttln"}
 _META_ENCODE = tuple((attr, f":{wire}:", kind is bool) for attr, wire, kind in _META_FIELDS)
 
 
+class _AttrView:
+    """``view.get(name)`` = ``getattr(obj, name)`` (Metadata.encode on subclasses)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def get(self, name: str):
+        return getattr(self.obj, name)
+
+
 @dataclass
 class Metadata:
     """The ``<META>`` fragment shared by update, update:meta and notify (spec §4.2)."""
@@ -162,17 +174,14 @@ class Metadata:
 
     def encode(self) -> str:
         """``":ttl:5:isEncrypted:true:..."`` in the Dart server order ("" when empty)."""
-        # (on every notify: fields read from __dict__, wire prefixes made once, below)
-        fields = self.__dict__ if type(self) is Metadata else None
+        # (on every notify: fields read straight from __dict__, wire prefixes made once)
+        fields = self.__dict__ if type(self) is Metadata else _AttrView(self)
         parts = []
         for attr, prefix, is_bool in _META_ENCODE:
-            value = fields.get(attr) if fields is not None else getattr(self, attr)
-            if value is None:
-                continue
-            if is_bool:
-                parts.append(prefix + ("true" if value else "false"))
-            else:
-                parts.append(f"{prefix}{value}")
+            value = fields.get(attr)
+            if value is not None:
+                parts.append(prefix + ("true" if value else "false") if is_bool
+                             else f"{prefix}{value}")
         return "".join(parts)
 
     def is_empty(self) -> bool:

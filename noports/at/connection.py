@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from noports.at.responses import Data, Error, Notification, ResponseParser
+from noports.at.responses import ResponseParser
 from noports.errors import AtProtocolError, AtServerError, NoPortsError
 
 __all__ = [
@@ -77,7 +77,8 @@ def make_ssl_context(ca_file: str | os.PathLike | None = None) -> ssl.SSLContext
 class ReplyQueue:
     """FIFO correlation of replies to requests (sans-IO).
 
-    Each entry is ``[future, timer_handle]``.  A request that timed out or was cancelled keeps
+    Each entry is ``[future, timer_handle]``, optionally followed by ``deadline, line,
+    sent_at`` (see :meth:`AtConnection.send`).  A request that timed out or was cancelled keeps
     its place until its reply arrives (the reply is then dropped): the server still answers it,
     and removing it would shift every later reply onto the wrong caller.
     """
@@ -99,7 +100,8 @@ class ReplyQueue:
         """Hand one reply to the oldest request; False when nobody was waiting for one."""
         if not self._entries:
             return False
-        fut, handle = self._entries.popleft()
+        entry = self._entries.popleft()
+        fut, handle = entry[0], entry[1]
         if handle is not None:
             handle.cancel()
         if not fut.done():
@@ -109,9 +111,16 @@ class ReplyQueue:
                 fut.set_result(result)
         return True
 
+    def pending_deadlines(self):
+        """``(future, deadline, line, sent_at)`` of every entry that has a deadline."""
+        for entry in self._entries:
+            if len(entry) > 2:
+                yield entry[0], entry[2], entry[3], entry[4]
+
     def fail_all(self, exc: BaseException) -> None:
         while self._entries:
-            fut, handle = self._entries.popleft()
+            entry = self._entries.popleft()
+            fut, handle = entry[0], entry[1]
             if handle is not None:
                 handle.cancel()
             if not fut.done():
@@ -149,6 +158,10 @@ class AtConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._closed: asyncio.Future = self._loop.create_future()
         self._close_reason: BaseException | None = None
+        # Request timeouts: one timer per connection, armed for the earliest deadline of the
+        # requests in flight (a timer per request costs a timer handle and a cancel each).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_at: float | None = None
         #: monotonic time of the last bytes received (used to tell a dead peer from a slow one)
         self.last_received = time.monotonic()
 
@@ -160,23 +173,24 @@ class AtConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
         try:
-            events = self._parser.feed(data)
+            # Bare items, no prompts: replies are matched by order, not by prompt.
+            items = self._parser.feed_items(data)
         except AtProtocolError as exc:
             log.warning("%s: unparseable reply from server, closing: %s", self.name, exc)
             self._abort(AtConnectionError(f"garbled reply from atServer: {exc}"))
             return
-        for event in events:
-            kind = type(event)
-            if kind is Data:
-                if not self._replies.resolve(event.payload):
-                    self._unsolicited(event.payload)
-            elif kind is Error:
-                err = AtServerError(event.code, event.message, event.raw)
+        for item in items:
+            kind = type(item)
+            if kind is str:                       # data: payload
+                if not self._replies.resolve(item):
+                    self._unsolicited(item)
+            elif kind is dict:                    # notification:
+                if self._on_notification is not None:
+                    self._on_notification(item)
+            else:                                 # error: (an Error event)
+                err = AtServerError(item.code, item.message, item.raw)
                 if not self._replies.resolve(error=err):
                     self._unsolicited(err)
-            elif kind is Notification and self._on_notification is not None:
-                self._on_notification(event.payload)
-            # Prompt: nothing to do; replies are matched by order, not by prompt.
         if self._parser.error is not None:
             # The parser hands over the good events before a fault; the fault itself is final.
             log.warning("%s: unparseable reply from server, closing: %s", self.name,
@@ -189,6 +203,9 @@ class AtConnection(asyncio.Protocol):
         self._close_reason = reason
         self._replies.fail_all(reason)
         self._transport = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = self._watch_at = None
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -218,7 +235,11 @@ class AtConnection(asyncio.Protocol):
         entry = self._replies.push(fut)
         self._write(line.encode() + b"\n")
         if timeout is not None:
-            entry[1] = self._loop.call_later(timeout, self._timed_out, fut, line, time.monotonic())
+            deadline = self._loop.time() + timeout
+            entry += (deadline, line, time.monotonic())
+            watch_at = self._watch_at
+            if watch_at is None or deadline < watch_at:
+                self._arm(deadline)
         return fut
 
     async def request(self, line: str, timeout: float | None = 10.0) -> str:
@@ -274,6 +295,30 @@ class AtConnection(asyncio.Protocol):
                 self._transport.abort()
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watch_at = when
+        self._watchdog = self._loop.call_at(when, self._watch)
+
+    def _watch(self) -> None:
+        """Time out every request past its deadline; re-arm for the next one."""
+        self._watchdog = self._watch_at = None
+        # (1 ms of slack: a loop's timers may fire a hair before its clock reaches the mark)
+        now = self._loop.time() + 0.001
+        due, nxt = [], None
+        for fut, deadline, line, sent_at in self._replies.pending_deadlines():
+            if fut.done():
+                continue
+            if deadline <= now:
+                due.append((fut, line, sent_at))
+            elif nxt is None or deadline < nxt:
+                nxt = deadline
+        for fut, line, sent_at in due:
+            self._timed_out(fut, line, sent_at)
+        if nxt is not None and self._transport is not None:
+            self._arm(nxt)
 
     def _timed_out(self, fut: asyncio.Future, line: str, sent_at: float) -> None:
         if fut.done():

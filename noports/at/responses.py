@@ -191,19 +191,30 @@ def parse_error_line(text: str) -> Error:
     return Error(match.group(1), body[match.end():], text)
 
 
-def _reply_line(raw: bytes) -> Event | None:
+def _reply_item(raw: bytes) -> str | dict | Error | None:
+    """One reply line as a bare item: data payload (str), notification (dict) or Error."""
     if raw.endswith(b"\r"):
         raw = raw[:-1]
     if not raw:
         return None
     text = _decode(raw, "reply line")
     if text.startswith("data:"):
-        return Data(text[5:])
+        return text[5:]
     if text.startswith("error:"):
         return parse_error_line(text)
     if text.startswith("notification:"):
-        return Notification(parse_notification_json(text[13:]))
+        return parse_notification_json(text[13:])
     raise AtProtocolError(f"unexpected reply from atServer: {_show(text)}")
+
+
+def _reply_line(raw: bytes) -> Event | None:
+    item = _reply_item(raw)
+    kind = type(item)
+    if kind is str:
+        return Data(item)
+    if kind is dict:
+        return Notification(item)
+    return item
 
 
 class _Framer:
@@ -269,36 +280,66 @@ class ResponseParser(_Framer):
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         super().__init__(max_line)
+        self._items = False
+        # The last ``@<atSign>@`` prompt seen, and its event: a connection sees the same one
+        # after every reply, so it is recognised by one bytes comparison (same decision as
+        # the general path: its body is known to be valid and its closing "@" is there).
+        self._prompt_bytes: bytes | None = None
+        self._prompt_event: Prompt | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Events completed by ``data``; AtProtocolError on garbage."""
         return super().feed(data)
 
+    def feed_items(self, data: bytes) -> list[str | dict | Error]:
+        """Like :meth:`feed`, as bare items and without prompts (what a client connection
+        needs, without an event object per line): a ``data:`` payload is a ``str``, a
+        ``notification:`` is its ``dict``, an ``error:`` is its :class:`Error` event."""
+        self._items = True
+        try:
+            return super().feed(data)
+        finally:
+            self._items = False
+
     def _parse(self, out: list) -> int:
         buf = self._buf
         n = len(buf)
         pos = 0
+        items = self._items
+        line_item = _reply_item if items else _reply_line
+        known = self._prompt_bytes
         while pos < n:
             if buf[pos] == 0x40:                                  # "@": a prompt starts here
                 self._scanned = 0
+                if known is not None and buf.startswith(known, pos):
+                    if not items:
+                        out.append(self._prompt_event)
+                    pos += len(known)
+                    continue
                 limit = min(n, pos + 1 + _PROMPT_WINDOW)
                 end = _PROMPT_BODY.match(buf, pos + 1, limit).end()
                 if end == pos + 1 + _PROMPT_WINDOW:
-                    out.append(Prompt("@"))                       # too long for an atSign
+                    if not items:                                 # too long for an atSign
+                        out.append(Prompt("@"))
                     pos += 1
                 elif end == n:
                     break                                         # undecided: wait for more
                 elif buf[end] == 0x40 and end > pos + 1:
-                    out.append(Prompt(_decode(bytes(buf[pos:end + 1]), "prompt")))
+                    known = bytes(buf[pos:end + 1])
+                    prompt = Prompt(_decode(known, "prompt"))
+                    self._prompt_bytes, self._prompt_event = known, prompt
+                    if not items:
+                        out.append(prompt)
                     pos = end + 1
                 else:
-                    out.append(Prompt("@"))
+                    if not items:
+                        out.append(Prompt("@"))
                     pos += 1
                 continue
             line, pos = self._next_line(pos)
             if line is None:
                 break
-            event = _reply_line(line)
+            event = line_item(line)
             if event is not None:
                 out.append(event)
         return pos
