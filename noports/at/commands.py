@@ -680,14 +680,15 @@ _NOTIFY_SUB = {"status", "list", "fetch", "remove", "all"}
 # key's ":" anything goes); the fields then go through the same checks and constructors as the
 # general parser, and any error falls back to the general parser, so the result -- command or
 # error -- is always the general parser's.  tests/unit/test_commands_fast.py holds them equal.
-_FAST_META_NAMES = "|".join(wire for _, wire, _ in _META_FIELDS)
+# canonical wire name -> (attribute, type)
+_FAST_META = {wire: (attr, kind) for attr, wire, kind in _META_FIELDS}
 _FAST_NOTIFY = re.compile(
     r":id:([A-Za-z0-9_\-]+):(update|delete)"
     r"(?::messageType:(key))?(?::priority:(low|medium|high))?(?::strategy:(all|latest))?"
     r"(?::latestN:([0-9]{1,18}))?(?::notifier:([A-Za-z0-9_.\-]+))?(?::ttln:([0-9]{1,18}))?"
-    # metadata values are only delimited here ([^:] is the regex engine's fastest scan) and
-    # checked one by one below
-    r"((?::(?:" + _FAST_META_NAMES + r"):[^:]+)*)"
+    # metadata pairs are only delimited here ([^:] is the regex engine's fastest scan); names
+    # and values are checked one by one below
+    r"((?::[A-Za-z]+:[^:]+)*)"
     r":(@[a-z0-9_\-]{1,55}):([a-z0-9_.\-]+@[a-z0-9_\-]{1,55})(?=:.|$)")
 _FAST_META_VALUE = re.compile(r"[A-Za-z0-9+/=_.\-]+")
 # Metadata values that passed _FAST_META_VALUE lately: a sender repeats its sharedKeyEnc and
@@ -712,21 +713,47 @@ def _fast_notify(rest: str) -> Notify | None:
             seen: set[str] = set()
             ok = _fast_meta_ok
             for i in range(1, len(tokens), 2):
-                text = tokens[i + 1]
-                if text not in ok:
-                    if _FAST_META_VALUE.fullmatch(text) is None:
-                        return None
-                    if len(ok) >= 1024:
-                        ok.clear()
-                    ok.add(text)
-                _set_meta(meta, seen, tokens[i].lower(), text, checked=True)
+                name, text = tokens[i], tokens[i + 1]
+                attr, kind = _FAST_META.get(name, _NOT_FAST)
+                if kind is str and attr not in seen:
+                    if text not in ok:
+                        if _FAST_META_VALUE.fullmatch(text) is None:
+                            return None
+                        if len(ok) >= 1024:
+                            ok.clear()
+                        ok.add(text)
+                    seen.add(attr)
+                    setattr(meta, attr, text)       # = _set_meta(..., checked=True)
+                elif kind is bool and text in ("true", "false") and attr not in seen:
+                    seen.add(attr)
+                    setattr(meta, attr, text == "true")   # = _set_meta
+                elif kind is None:
+                    return None                     # not a (canonical) metadata name
+                else:
+                    _set_meta(meta, seen, name.lower(), text)
         key = _key(f"{to}:{key_text}")
     except AtProtocolError:
         return None            # the general parser raises the error, in its own order
-    return Notify(key, value, id=nid, operation=operation, message_type=mtype,
-                  priority=priority, strategy=strategy,
-                  latest_n=None if latest_n is None else int(latest_n), notifier=notifier,
-                  ttln=None if ttln is None else int(ttln), metadata=meta, to=to)
+    fields_ = {"key": key, "value": value, "id": nid, "operation": operation,
+               "message_type": mtype, "priority": priority, "strategy": strategy,
+               "latest_n": None if latest_n is None else int(latest_n), "notifier": notifier,
+               "ttln": None if ttln is None else int(ttln), "metadata": meta, "to": to,
+               "text": None}
+    if not _PLAIN_NOTIFY:
+        return Notify(**fields_)
+    # Every field is already what Notify.__post_init__ would make it (lower-case words, a
+    # normalised recipient, which also stops the to-from-key defaulting): skip __init__.
+    notify = object.__new__(Notify)
+    notify.__dict__ = fields_
+    return notify
+
+
+_NOT_FAST = (None, None)
+# The shortcut above builds a Notify without __init__; it is only taken while Notify has
+# exactly the fields it fills (checked once, here).
+_PLAIN_NOTIFY = tuple(f.name for f in fields(Notify)) == (
+    "key", "value", "id", "operation", "message_type", "priority", "strategy", "latest_n",
+    "notifier", "ttln", "metadata", "to", "text")
 
 
 def _parse_notify(rest: str):

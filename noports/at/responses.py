@@ -197,6 +197,16 @@ def _reply_item(raw: bytes) -> str | dict | Error | None:
         raw = raw[:-1]
     if not raw:
         return None
+    if raw.startswith(b"notification:"):
+        # Straight from the bytes (no str made and re-encoded); anything but a dict -- a
+        # refusal, invalid UTF-8, another JSON type -- takes the general path below, which
+        # then answers exactly as it always did.
+        try:
+            value = _fast_json(raw[13:])
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            value = None
+        if value.__class__ is dict:
+            return value
     text = _decode(raw, "reply line")
     if text.startswith("data:"):
         return text[5:]

@@ -50,20 +50,24 @@ def notification_line(payload: dict) -> bytes:
     """``notification: <json>\n`` -- orjson on the hot path (values come from UTF-8 lines, so
     they hold no lone surrogates); the codec's encoder for anything orjson refuses."""
     try:
-        return b"notification: " + orjson.dumps(payload) + b"\n"
+        return b"notification: " + orjson.dumps(payload, option=orjson.OPT_APPEND_NEWLINE)
     except (TypeError, orjson.JSONEncodeError):
         return encode_notification(payload)
 
 
 def payload_of(n: StoredNotification) -> dict:
     """The JSON object of a ``notification:`` line (spec §5.3)."""
-    meta = n.metadata
+    get = n.metadata.get
     return {
         "id": n.id, "from": n.from_atsign, "to": n.to_atsign, "key": n.key, "value": n.value,
         "operation": n.operation, "epochMillis": n.epoch_millis,
         "messageType": _MESSAGE_TYPES.get(n.message_type, "MessageType.key"),
         "isEncrypted": n.is_encrypted,
-        "metadata": {name: meta.get(name) for name in _PUSHED_META},
+        # = {name: get(name) for name in _PUSHED_META}, spelled out (once per notification)
+        "metadata": {"encKeyName": get("encKeyName"), "encAlgo": get("encAlgo"),
+                     "ivNonce": get("ivNonce"), "skeEncKeyName": get("skeEncKeyName"),
+                     "skeEncAlgo": get("skeEncAlgo"), "sharedKeyEnc": get("sharedKeyEnc"),
+                     "pubKeyCS": get("pubKeyCS")},
     }
 
 
