@@ -1,13 +1,16 @@
 """``noports``: the umbrella command (console script ``noports``).
 
 Owns dispatching to subcommands -- today ``noports demo`` (:mod:`noports.demo.cli`) -- and
-``noports --version``.  The programs themselves keep their own names (``atserver``,
-``at_activate``, ``srvd``, ``npd``/``sshnpd``, ``npt``), as Atsign's binaries do.
+``noports --version``. ``-v``/``--verbose`` and ``-q``/``--quiet`` given before the command are
+handed to it (every command takes them, see :mod:`noports.logsetup`). The programs themselves
+keep their own names (``atserver``, ``at_activate``, ``srvd``, ``npd``/``sshnpd``, ``npt``), as
+Atsign's binaries do.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 from noports import __version__
@@ -21,7 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                  "tunnel (noports demo --help)"),
 }
 
-USAGE = "usage: noports [--help] [--version] COMMAND [ARGS...]"
+USAGE = "usage: noports [--help] [--version] [-v] [-q] COMMAND [ARGS...]"
+#: Flags taken before the command and handed on to it.
+_LOG_FLAG = re.compile(r"^(?:-[vq]+|--verbose|--quiet)$")
 
 
 def _help() -> str:
@@ -29,13 +34,21 @@ def _help() -> str:
              "port.", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "programs: atserver, at_activate, srvd, npd (sshnpd), npt -- each with --help",
-              "", "options:", "  --help     show this help and exit",
-              "  --version  print the version and the live data-plane implementation, exit"]
+              "", "options:", "  --help         show this help and exit",
+              "  --version      print the version and the live data-plane implementation, exit",
+              "  -v, --verbose  more logging on stderr (-v info, -vv debug), handed to COMMAND",
+              "  -q, --quiet    log errors only (overrides -v), handed to COMMAND"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        sys.stderr.write(_help())
+        return 2
+    log_flags = []
+    while argv and _LOG_FLAG.match(argv[0]):
+        log_flags.append(argv.pop(0))
     if not argv:
         sys.stderr.write(_help())
         return 2
@@ -48,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if first in COMMANDS:
         module = importlib.import_module(COMMANDS[first][0])
-        return module.main(argv[1:], prog=f"noports {first}")
+        return module.main(log_flags + argv[1:], prog=f"noports {first}")
     sys.stderr.write(f"{USAGE}\nnoports: error: unknown command {first!r} "
                      f"(commands: {', '.join(COMMANDS)})\n")
     return 2

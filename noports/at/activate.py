@@ -24,6 +24,8 @@ from noports.at.connection import CA_FILE_ENV, AtConnectionError, AtTimeoutError
 from noports.at.names import normalize_atsign
 from noports.at.root import DEFAULT_ROOT, AtSignNotFoundError, RootClient, parse_root_address
 from noports.errors import AtServerError, InvalidAtSignError, NoPortsError
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 
 __all__ = ["EXIT", "activate", "main"]
 
@@ -116,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to write the .atKeys file (default ~/.atsign/keys/@x_key.atKeys)")
     p.add_argument("--force", action="store_true", help="overwrite an existing keys file")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    add_log_flags(p, verbose_help="log each step (-v), with protocol detail (-vv)")
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
     return p
@@ -145,8 +147,7 @@ def _run(coro):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="at_activate: %(message)s")
+    setup_logging("at_activate", args.verbose, args.quiet)
 
     def fail(code: str, message: str) -> int:
         print(f"at_activate: {message}", file=sys.stderr)

@@ -22,6 +22,8 @@ from noports.atserver.root import RootDirectory
 from noports.atserver.server import ConnectionLimits
 from noports.atserver.verbs import Limits
 from noports.errors import NoPortsError
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -89,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite synchronous mode: normal survives a killed process, full also "
                         "a power loss (slower; default normal)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging on stderr (-v info, -vv debug)")
+    add_log_flags(p)
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
     return p
@@ -165,10 +166,7 @@ def _raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 \
-        else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("atserver", args.verbose, args.quiet)
     config = config_from_args(args)
     _raise_fd_limit()
     if not args.no_uvloop:

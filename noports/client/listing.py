@@ -6,10 +6,11 @@ Owns discovery, the liveness probe and the two renderings (aligned table, ``--js
 1. discovery.  Every npd shares ``@<manager>:device_info.<device>.sshnp@<daemon>`` with each of
    its managers (ttl 30 days, refreshed hourly).  With ``-t @daemon`` (repeatable) we ask the
    atServer for what that atSign shares with us: ``scan:@daemon device_info\\..+\\.sshnp``.
-   Without ``-t`` we can only see what our own atServer holds: the ``cached:`` copies of those
-   records that an Atsign atServer keeps for us (ttr -1, ccd true).  A server that does not
-   cache (such as ours today, which has no server-to-server sync) therefore lists nothing
-   without ``-t``; the table says so.
+   Without ``-t`` we scan our own atServer, which holds a ``cached:`` copy of every such record
+   shared with us by any daemon atSign: npd writes them with ttr -1 and ccd true, so the
+   update notification caches them and the daemon's delete (``--hide``) removes them (ours
+   does this for the atSigns it hosts, as Atsign's does).  Either way the record itself is
+   then read from its owner, never from the cache (step 2).
 2. each record is read with ``lookup`` bypassing any cache (its JSON is the daemon's ping
    response: version, permit-open list, device group);
 3. a monitor for ``heartbeat\\..+\\.sshnp@`` is subscribed, then every device is pinged at
@@ -206,7 +207,7 @@ def render_table(rows: list[DeviceRow], *, timeout: float = LIST_TIMEOUT,
     """Aligned columns, one device a line, then a summary line."""
     if not rows:
         where = (f" shared by {', '.join(daemons)}" if daemons
-                 else " (without -t only cached device_info records are seen: try -t @daemon)")
+                 else " (no daemon atSign has shared its device_info with this atSign)")
         return f"no devices found{where}\n"
     cells = [(r.device, r.atsign, r.status, r.version or "?",
               ",".join(r.permit_open) or "?") for r in rows]

@@ -2,7 +2,7 @@
 
 Owns the flags (Atsign's ``-a``, ``-m/--managers/--manager``, ``-d``, ``-k``,
 ``--permit-open/--po``, ``-h/--hide``, ``--device-group``, ``--root-domain``, ``--storage-path``,
-``-v``, plus ours: ``--ca-file``, ``--metrics-port``/``--metrics-host``, ``--no-uvloop``,
+``-v``, plus ours: ``-q``, ``--ca-file``, ``--metrics-port``/``--metrics-host``, ``--no-uvloop``,
 ``--version``), refusing every configuration that would fail open (no managers, ``-m ""``,
 ``--permit-open ""``, an .atKeys file others can read), logging in, and the signals: SIGTERM or
 SIGINT closes every tunnel and exits 0.
@@ -32,6 +32,8 @@ from noports.at.names import normalize_atsign, validate_device_name
 from noports.at.root import DEFAULT_ROOT, parse_root_address
 from noports.daemon.daemon import DaemonConfig, Npd, StateStore, default_storage_path
 from noports.errors import InvalidAtSignError, InvalidDeviceNameError, NoPortsError
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 from noports.messages import (
     DEFAULT_DEVICE_GROUP,
     DEFAULT_PERMIT_OPEN,
@@ -133,8 +135,8 @@ def build_parser(prog: str = "npd") -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="address of the metrics server (default 127.0.0.1)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging on stderr (-v info from every module, -vv debug)")
+    add_log_flags(p, verbose_help="more logging on stderr (-v info from every module, -vv "
+                                  "debug; npd's own lines are always shown unless -q)")
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
     return p
@@ -175,14 +177,6 @@ def parse_args(argv: list[str] | None = None, prog: str = "npd") -> argparse.Nam
     if args.storage_path is None:
         args.storage_path = default_storage_path(args.atsign, args.device)
     return args
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # the daemon's own lines (ready, sessions, drops, stop) are always shown
-    logging.getLogger("noports.daemon").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def keys_file_problem(path: Path) -> str | None:
@@ -295,7 +289,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if prog not in ("npd", "sshnpd"):
             prog = "npd"
     args = parse_args(argv, prog)
-    _setup_logging(args.verbose)
+    # the daemon's own lines (ready, sessions, drops, stop) are shown unless -q
+    setup_logging(prog, args.verbose, args.quiet, own=("noports.daemon",))
     if args.no_uvloop:
         loop = asyncio.new_event_loop()
     else:

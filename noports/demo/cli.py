@@ -20,6 +20,8 @@ from pathlib import Path
 from noports import __version__
 from noports._speedups import describe
 from noports.demo.stack import Demo, DemoOptions, PhaseFailed, Phases
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
 
@@ -60,6 +62,8 @@ def build_parser(prog: str = "noports demo") -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true",
                    help="after the phases, leave the stack running, print the atserver, srvd, "
                         "npd and npt commands to do the same by hand, and wait for Ctrl-C")
+    add_log_flags(p, verbose_help="the demo's own log lines on stderr (-v info, -vv debug); "
+                                  "the programs it runs log to their own files")
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
     return p
@@ -165,6 +169,7 @@ async def _stop(demo: Demo, state_dir: Path, phases: Phases) -> list[str]:
 
 def main(argv: list[str] | None = None, prog: str = "noports demo") -> int:
     args = build_parser(prog).parse_args(argv)
+    setup_logging(prog.replace(" ", "-"), args.verbose, args.quiet)
     opts = DemoOptions(size_mib=args.size, keep=args.keep)
     state_dir = Path(tempfile.mkdtemp(prefix="noports-demo-"))
     phases = Phases()

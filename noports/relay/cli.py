@@ -1,15 +1,15 @@
 """``srvd`` (``python -m noports.relay``): the relay's command line and process lifecycle.
 
 Owns the flags (Atsign's ``-a``, ``-i/--ip``, ``-m/--manager``, ``-k/--key-file``,
-``--root-domain``, ``-v``, plus ours: ``--bind``, ``--ca-file``, ``--allow-unauthenticated``,
-``--metrics-port``/``--metrics-host``, ``--pending-quota``, ``--drain-grace``,
-``--auth-timeout``, ``--pairing-timeout``, ``--workers``, ``--version``), refusing
-configurations that would fail open (``-m ""``); raising RLIMIT_NOFILE; logging in; starting
-the metrics server and the control plane; and the signals: the first SIGTERM (or SIGINT) stops
-new sessions and lets live ones finish within ``--drain-grace`` before closing everything and
-exiting 0; a second one ends the live sessions at once.  With ``--workers N`` (N > 1; 0 = one
-per core) the sessions run in N worker processes (``noports.relay.workers``) while this process
-keeps the control plane.
+``--root-domain``, ``-v``, plus ours: ``-q``, ``--bind``, ``--ca-file``,
+``--allow-unauthenticated``, ``--metrics-port``/``--metrics-host``, ``--pending-quota``,
+``--drain-grace``, ``--auth-timeout``, ``--pairing-timeout``, ``--workers``, ``--version``),
+refusing configurations that would fail open (``-m ""``); raising RLIMIT_NOFILE; logging in;
+starting the metrics server and the control plane; and the signals: the first SIGTERM (or
+SIGINT) stops new sessions and lets live ones finish within ``--drain-grace`` before closing
+everything and exiting 0; a second one ends the live sessions at once. With ``--workers N`` (N >
+1; 0 = one per core) the sessions run in N worker processes (``noports.relay.workers``) while
+this process keeps the control plane.
 
 Exit codes: 0 after a drain, 1 start-up failure (keys, login, bind), 2 bad flags.
 """
@@ -34,6 +34,8 @@ from noports.at.client import AtClient
 from noports.at.names import normalize_atsign
 from noports.at.root import DEFAULT_ROOT, parse_root_address
 from noports.errors import InvalidAtSignError, NoPortsError
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 from noports.relay.control import ControlPolicy, RelayControl
 from noports.relay.dataplane import DataPlaneConfig
 from noports.relay.messages import encode_reply_csv
@@ -122,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes that run the sessions' data plane (default 1: all in "
                         "this process; 0 = one per core); the control plane stays here")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging on stderr (-v info from every module, -vv debug)")
+    add_log_flags(p, verbose_help="more logging on stderr (-v info from every module, -vv "
+                                  "debug; srvd's own lines are always shown unless -q)")
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
     return p
@@ -184,14 +186,6 @@ def raise_fd_limit() -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # the relay's own lines (one per session, refusals, start and stop) are always shown
-    logging.getLogger("noports.relay").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def _load_keys(path: Path, atsign: str) -> AtKeys:
@@ -290,7 +284,8 @@ async def serve(args: argparse.Namespace) -> int:
     if workers > 1:
         sessions = WorkerPool(workers, config, allow_unauthenticated=args.allow_unauthenticated,
                               pending_quota=args.pending_quota, stats=stats,
-                              no_uvloop=args.no_uvloop, verbose=args.verbose)
+                              no_uvloop=args.no_uvloop, verbose=args.verbose,
+                              quiet=args.quiet)
         try:
             await sessions.start()
         except (OSError, RuntimeError) as exc:
@@ -356,7 +351,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup_logging(args.verbose)
+    # the relay's own lines (one per session, refusals, start and stop) are shown unless -q
+    setup_logging("srvd", args.verbose, args.quiet, own=("noports.relay",))
     soft, hard = raise_fd_limit()
     log.debug("RLIMIT_NOFILE soft %d hard %d", soft, hard)
     if args.no_uvloop:

@@ -42,6 +42,8 @@ import msgspec
 
 from noports._speedups import describe
 from noports.at.crypto import public_key_from_b64
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 from noports.relay.dataplane import DataPlaneConfig, RelaySession, UnauthGate
 from noports.relay.messages import RelayRequest
 from noports.relay.stats import RelayStats
@@ -296,7 +298,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--config", required=True, help="DataPlaneConfig fields + max_unauth, JSON")
     p.add_argument("--no-uvloop", action="store_true")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    add_log_flags(p)
     return p.parse_args(argv)
 
 
@@ -305,11 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(args.parent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 \
-        else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s")
-    log.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+    # srvd's line format, the worker named by its index: srvd/w1[pid] noports.relay: ...
+    setup_logging(f"srvd/w{args.index}", args.verbose, args.quiet, own=("noports.relay",))
     fields = msgspec.json.decode(args.config.encode())
     max_unauth = int(fields.pop("max_unauth", 8192))
     config = DataPlaneConfig(**fields)

@@ -131,7 +131,8 @@ class WorkerPool:
     def __init__(self, count: int, config: DataPlaneConfig | None = None, *,
                  allow_unauthenticated: bool = False, pending_quota: int = 32,
                  max_unauth_total: int = 8192, stats: RelayStats | None = None,
-                 no_uvloop: bool = False, verbose: int = 0, open_timeout: float = 10.0) -> None:
+                 no_uvloop: bool = False, verbose: int = 0, quiet: bool = False,
+                 open_timeout: float = 10.0) -> None:
         if count < 1:
             raise ValueError("a pool needs at least one worker")
         self.count = count
@@ -142,6 +143,7 @@ class WorkerPool:
         self.stats = stats or RelayStats()        # the main process's own refusals
         self.no_uvloop = no_uvloop
         self.verbose = verbose
+        self.quiet = quiet
         self.open_timeout = open_timeout
         self.draining = False
         self.sessions_lost = 0
@@ -315,6 +317,8 @@ class WorkerPool:
             cmd.append("--no-uvloop")
         if self.verbose:
             cmd.append("-" + "v" * self.verbose)
+        if self.quiet:
+            cmd.append("-q")
         env = dict(os.environ)
         # the worker imports the very package this process runs from
         root = str(Path(__file__).resolve().parents[2])

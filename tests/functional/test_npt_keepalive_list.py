@@ -8,7 +8,9 @@ the real programs; npt runs as ``python -m noports.client``.
   (given with -l, or the one it got first), and a new local connection carries data;
 * --list-devices: a daemon that is up is listed active with its version and permit-open list;
   a device whose daemon was started (so its device_info record exists) and then stopped is
-  listed inactive; --json parses; no devices is exit 0 with a table that says so.
+  listed inactive; --json parses; no devices is exit 0 with a table that says so; without -t
+  the devices of every daemon atSign that shared its device_info with us are listed (two
+  daemon atSigns here).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tests.functional.npd_helpers import LoggedProcess, NpdProcess, start_echo_s
 from tests.functional.srvd_helpers import SrvdProcess
 
 HOST = "127.0.0.1"
-ATSIGNS = ["@client", "@daemon", "@relay", "@relayka"]
+ATSIGNS = ["@client", "@daemon", "@relay", "@relayka", "@daemon2"]
 DEVICE = "dev"
 NPT_TIMEOUT = 60.0
 #: first retry 5 s, then the session's set-up: a generous bound for "within the back-off"
@@ -231,6 +233,52 @@ def test_list_devices_json(stack, stopped_device):
     assert by_name[DEVICE]["atsign"] == "@daemon"
     assert by_name[stopped_device]["status"] == "inactive"
     assert by_name[stopped_device]["permitOpen"] == ["localhost:22"]
+
+
+@pytest.fixture(scope="module")
+def second_daemon(stack):
+    """A device under another daemon atSign, up for the tests that use it."""
+    name = f"two{uuid.uuid4().hex[:6]}"
+    npd = NpdProcess(stack.atserver, stack.base, "--permit-open", "localhost:8080",
+                     atsign="@daemon2", managers="@client", device=name).ready()
+    try:
+        yield name
+    finally:
+        npd.stop()
+
+
+def test_list_devices_without_t_lists_every_daemon_atsign(stack, stopped_device,
+                                                          second_daemon):
+    proc = run_list(stack, "--json", daemon=None)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    by_key = {(d["device"], d["atsign"]): d for d in doc["devices"]}
+    assert by_key[(DEVICE, "@daemon")]["status"] == "active"
+    assert by_key[(DEVICE, "@daemon")]["permitOpen"] == [f"{HOST}:*"]
+    assert by_key[(stopped_device, "@daemon")]["status"] == "inactive"
+    assert by_key[(second_daemon, "@daemon2")]["status"] == "active"
+    assert by_key[(second_daemon, "@daemon2")]["permitOpen"] == ["localhost:8080"]
+    assert by_key[(second_daemon, "@daemon2")]["version"] == __version__
+    # nothing that is not a daemon's device_info shows up (our own atSign, the relays)
+    assert {atsign for _, atsign in by_key} <= {"@daemon", "@daemon2"}
+    # the table form lists the same rows, with no "try -t" hint
+    table = run_list(stack, daemon=None)
+    assert table.returncode == 0, table.stderr
+    assert "try -t" not in table.stdout
+    for device, atsign in ((DEVICE, "@daemon"), (second_daemon, "@daemon2")):
+        assert re.search(rf"^{device}\s+{atsign}\s+active\s", table.stdout, re.M), table.stdout
+    assert re.search(rf"^{stopped_device}\s+@daemon\s+inactive\s", table.stdout, re.M)
+
+
+def test_list_devices_without_t_and_nothing_shared_says_so(stack):
+    """An atSign no daemon manages: an empty listing, exit 0, no error."""
+    cmd = [a if a != "@client" else "@relayka" for a in stack.npt_cmd(daemon=None)]
+    cmd[cmd.index("-k") + 1] = str(stack.atserver.keys_dir / "@relayka_key.atKeys")
+    proc = subprocess.run([*cmd, "--list-devices", "--list-timeout", "1"], capture_output=True,
+                          text=True, timeout=NPT_TIMEOUT, cwd=str(REPO), env=npt_env(),
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("no devices found (no daemon atSign has shared"), proc.stdout
 
 
 def test_list_devices_with_none_shared_is_exit_0_and_says_so(stack):

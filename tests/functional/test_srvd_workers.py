@@ -85,8 +85,11 @@ def test_sessions_spread_over_both_workers(hosted, srvd_workers, run, pump):
     worker and summed; each worker runs the pump asked for."""
     relay = srvd_workers("--pairing-timeout", "5", pump=pump)
     assert ", 2 workers, metrics on" in relay.wait_line(r"srvd @relay ready")
+    ready_pid = {}
     for i in (0, 1):
-        assert _impl_line(pump) in relay.wait_line(rf"worker {i} ready: pid \d+")
+        line = relay.wait_line(rf"worker {i} ready: pid \d+")
+        assert _impl_line(pump) in line
+        ready_pid[i] = int(re.search(rf"worker {i} ready: pid (\d+)", line).group(1))
     workers = relay.worker_pids()
     assert len(workers) == 2 and relay.proc.pid not in workers
 
@@ -104,9 +107,13 @@ def test_sessions_spread_over_both_workers(hosted, srvd_workers, run, pump):
 
     sids, owners = run(main(), timeout=90)
     assert sorted(owners.count(pid) for pid in workers) == [2, 2], owners
-    for sid in sids:
+    for sid, owner in zip(sids, owners, strict=True):
         line = relay.wait_line(rf"relay session {sid} ended", timeout=10)
         assert f"bytes A->B {4 * MiB} B->A {4 * MiB}" in line
+        # logged by the worker that ran it, in srvd's format, naming its index and pid
+        who = re.search(r" INFO +srvd/w(\d)\[(\d+)\] noports\.relay: relay session ", line)
+        assert who is not None, line
+        assert ready_pid[int(who.group(1))] == int(who.group(2)) == owner, line
     run(wait_until(lambda: relay.metrics()["noports_relay_sessions_open"] == 0, timeout=5,
                    what="sessions closed"))
     metrics = relay.metrics()

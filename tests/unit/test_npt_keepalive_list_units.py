@@ -76,6 +76,7 @@ def test_table_is_aligned_and_summarised():
     assert "localhost:22,*:80" in lines[1]
     assert "1 of 2 device(s) active" in text
     assert render_table([], daemons=["@bob"]).startswith("no devices found shared by @bob")
+    assert render_table([]).startswith("no devices found (no daemon atSign has shared")
 
 
 def test_json_lists_every_field():
