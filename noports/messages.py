@@ -73,9 +73,11 @@ DEFAULT_TIMEOUT_MS = 60_000
 PING_VALUE = "ping"
 
 #: The supportedFeatures we really implement and advertise as true.  Not acceptsPublicKeys
-#: (no ssh key pushes), not twinKeys / supportsRamEscr / controlChannelHeartbeats-as-a-claim:
-#: a newer Atsign client then downgrades to what both ends speak (spec §13).
-FEATURES: tuple[str, ...] = ("srAuth", "srE2ee", "supportsPortChoice", "adjustableTimeout")
+#: (no ssh key pushes), not twinKeys / supportsRamEscr: a newer Atsign client then downgrades
+#: to what both ends speak (spec §13).  controlChannelHeartbeats: the daemon end parses
+#: ``heartbeat:<n>`` lines (and echoes them, which Atsign's clients only log).
+FEATURES: tuple[str, ...] = ("srAuth", "srE2ee", "supportsPortChoice", "adjustableTimeout",
+                             "controlChannelHeartbeats")
 
 #: The client's wording for a missing feature: "This device daemon does not <description>".
 FEATURE_DESCRIPTIONS: dict[str, str] = {
@@ -84,6 +86,7 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     "srE2ee": "support end-to-end encryption of relayed traffic",
     "supportsPortChoice": "support requests for specific ports",
     "adjustableTimeout": "support adjustable timeouts",
+    "controlChannelHeartbeats": "support control-channel heartbeats",
 }
 
 # The Dart daemon's supportedFeatures object, in its order.  acceptsPublicKeys is present and
@@ -94,6 +97,7 @@ _DEFAULT_FEATURES: tuple[tuple[str, bool], ...] = (
     ("acceptsPublicKeys", False),
     ("supportsPortChoice", True),
     ("adjustableTimeout", True),
+    ("controlChannelHeartbeats", True),
 )
 
 # Documented error replies (§3.6); the client shows them to the user as they are.

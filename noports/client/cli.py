@@ -41,6 +41,8 @@ from noports.client.phases import DEFAULT_TIMEOUT_S, EXIT_CODES, PhaseError, end
 if TYPE_CHECKING:  # pragma: no cover
     from noports.client.session import Progress, SessionOptions
 from noports.errors import InvalidAtSignError, InvalidDeviceNameError, NoPortsError
+from noports.logsetup import add_flags as add_log_flags
+from noports.logsetup import setup_logging
 from noports.messages import MessageError, parse_duration
 
 __all__ = ["build_parser", "main", "options_from_args", "parse_args"]
@@ -60,6 +62,10 @@ def _port(text: str) -> int:
     if not 0 <= value < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def _seconds(text: str) -> float:
@@ -146,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encrypt-rvd-traffic", "--et", dest="encrypt",
                    action=argparse.BooleanOptionalAction, default=True,
                    help="encrypt the traffic end to end through the relay (default on)")
+    p.add_argument("--heartbeat", type=_seconds_or_zero, default=None, metavar="SECONDS",
+                   help="control-channel heartbeat interval, sent only to daemons that "
+                        "support them; a daemon that answers them (noports' npd) and then "
+                        "goes silent for this + 5 s ends the session; 0 = none (default 15)")
     p.add_argument("--list-devices", "--ls", dest="list_devices", action="store_true",
                    help="list the devices shared with -f (those of -t only, if given): "
                         "pings each and prints a table of device, atSign, status "
@@ -156,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=LIST_TIMEOUT, metavar="SECONDS",
                    help=f"with --list-devices: how long to wait for the devices' answers "
                         f"(default {LIST_TIMEOUT:g})")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log on stderr (-v info, -vv debug)")
+    add_log_flags(p, quiet_help="no progress lines, and log errors only (overrides -v)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     p.add_argument("--version", action=_Version, nargs=0,
                    help="print the noports version and the data-plane implementation, exit")
@@ -236,13 +244,8 @@ def options_from_args(args: argparse.Namespace) -> SessionOptions:
         local_port=args.local_port, local_host=args.local_host, key_file=args.key_file,
         root_domain=args.root_domain, ca_file=args.ca_file,
         daemon_ping_timeout=args.daemon_ping_timeout, timeout_s=args.timeout,
-        encrypt=args.encrypt)
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        encrypt=args.encrypt,
+        **({} if args.heartbeat is None else {"heartbeat": args.heartbeat}))
 
 
 def _stop_event():
@@ -439,7 +442,7 @@ def _run_list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging("npt", args.verbose, args.quiet)
     if args.list_devices:
         return _run_list(args)
     if args.exit_when_connected:

@@ -258,6 +258,9 @@ def ended_error(ended: TunnelEnded | None, *, started: bool = True) -> PhaseErro
     elif ended.reason == "control_reset":
         msg = (f"the tunnel's control connection to the relay failed ({ended.message}): the "
                "relay or the device daemon has gone")
+    elif ended.reason == "peer_silent":
+        msg = (f"the device daemon went silent ({ended.message}): the relay or the network "
+               "in between is swallowing the traffic without closing the connection")
     elif ended.reason == "protocol_error":
         msg = f"the tunnel's control channel carried garbage: {ended.message}"
     else:

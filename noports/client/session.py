@@ -67,6 +67,10 @@ log = logging.getLogger("noports.client")
 RELAY_TIMEOUT = 20.0
 #: Seconds to wait for the daemon's reply to the session request (Atsign: 100 x 150 ms).
 RESPONSE_TIMEOUT = 15.0
+#: Seconds between control-channel heartbeats (Atsign's srv: 1800 s, to keep middleboxes from
+#: idling the control connection out).  Ours are also a liveness check against our daemon,
+#: which echoes them: a relay path that swallows bytes is noticed within this + 5 s.
+DEFAULT_HEARTBEAT = 15.0
 #: Seconds for logging in and subscribing (each call of AtClient also has its own timeout).
 ATSERVER_TIMEOUT = 20.0
 #: Notification lifetimes: the session keys live 10 s (ttl), notifications 1 min (ttln).
@@ -101,6 +105,10 @@ class SessionOptions:
     encrypt: bool = True
     relay_timeout: float = RELAY_TIMEOUT
     response_timeout: float = RESPONSE_TIMEOUT
+    #: --heartbeat: control-channel heartbeat seconds (only to daemons whose ping offers
+    #: controlChannelHeartbeats); a daemon that echoes them is given up on after this + 5 s
+    #: of silence.  0 = none.
+    heartbeat: float = DEFAULT_HEARTBEAT
 
 
 class Progress:
@@ -156,6 +164,7 @@ class NptSession:
         self.client: AtClient | None = None
         self.monitor: Monitor | None = None
         self.end: ClientEnd | None = None
+        self.heartbeats = False           # the daemon's ping offered controlChannelHeartbeats
         self.reply: RelayReply | None = None
         self.local_port: int | None = None
         self._dispatcher: asyncio.Task | None = None
@@ -228,6 +237,8 @@ class NptSession:
         check_features(ping, o.timeout_s, o.daemon, o.device)
         p.step("ping", f"device {o.device!r} on {o.daemon} answered (version "
                        f"{ping.version or '?'})")
+        self.heartbeats = bool(ping.supported_features.get("controlChannelHeartbeats") is True
+                               and o.heartbeat and o.heartbeat > 0)
 
         # request: signed, with the one-time public key
         eph = await self._phase("request", self.ephemeral.get(), 60.0,
@@ -270,7 +281,9 @@ class NptSession:
             end = self.end = ClientEnd(reply.address, reply.port_a, auth_line,
                                        session_key=s.key_b64, session_iv=s.iv_b64,
                                        bind_host=o.local_host, bind_port=o.local_port,
-                                       idle_timeout=o.timeout_s)
+                                       idle_timeout=o.timeout_s,
+                                       heartbeat_interval=o.heartbeat if self.heartbeats
+                                       else None)
         except TunnelError as exc:
             raise PhaseError("tunnel", str(exc)) from None
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from noports.tunnel.connecting import describe
 from noports.tunnel.control import encode_connect, encode_heartbeat, encode_no_encrypt
 from noports.tunnel.endpoint import (
     CONNECT_TIMEOUT,
+    HEARTBEAT_GRACE,
     ControlProtocol,
     TunnelEnd,
     TunnelError,
@@ -36,12 +37,28 @@ log = logging.getLogger("noports.tunnel")
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
+#: Longest line kept while looking for heartbeat echoes; anything longer is just dropped.
+_MAX_ECHO_LINE = 256
+
+
 class _ClientControl(ControlProtocol):
-    """Baseline daemons never write on the control channel; anything they do is only logged."""
+    """Baseline daemons never write on the control channel.  Ours echoes each ``heartbeat:<n>``
+    line back; the first echo tells the client end that this daemon's silence is meaningful.
+    Anything else is logged and ignored, as Atsign's clients do."""
+
+    def __init__(self, end, send_cipher, recv_cipher) -> None:
+        super().__init__(end, send_cipher, recv_cipher)
+        self.partial = b""
 
     def plaintext_received(self, data: bytes) -> None:
-        log.debug("client end: %d unexpected bytes from the daemon on the control channel",
-                  len(data))
+        *lines, rest = (self.partial + data).split(b"\n")
+        self.partial = rest[-_MAX_ECHO_LINE:]
+        for line in lines:
+            if line.startswith(b"heartbeat:"):
+                self.end._heartbeat_echo()  # type: ignore[attr-defined]
+            else:
+                log.debug("client end: ignoring %d unexpected bytes from the daemon on the "
+                          "control channel", len(line) + 1)
 
 
 class ClientEnd(TunnelEnd):
@@ -51,8 +68,11 @@ class ClientEnd(TunnelEnd):
     for both when ``encryptRvdTraffic`` is off).  ``idle_timeout`` (npt ``-T``): the end closes
     once it has had no live local connection for that many seconds -- counted from start()
     and again from each moment the last live local connection ends; None or 0 = never.
-    ``heartbeat_interval``: send ``heartbeat:<n>`` that often (off by default: baseline daemons
-    that split on ``connect:`` would not understand it).
+    ``heartbeat_interval``: send ``heartbeat:<n>`` at start and then that often (off by
+    default: only daemons whose ping says ``controlChannelHeartbeats`` understand it).  A daemon
+    that echoes them (ours does) is then watched: nothing from it for ``heartbeat_interval +
+    heartbeat_grace`` seconds ends the session with ``peer_silent`` -- the only way to notice a
+    relay path that swallows bytes without closing (TCP keepalive is answered by the relay).
     """
 
     peer_name = "daemon"
@@ -61,7 +81,8 @@ class ClientEnd(TunnelEnd):
                  session_key: str | None, session_iv: str | None,
                  bind_host: str = "127.0.0.1", bind_port: int = 0,
                  idle_timeout: float | None = 30.0, connect_timeout: float = CONNECT_TIMEOUT,
-                 heartbeat_interval: float | None = None, max_buffer: int | None = None,
+                 heartbeat_interval: float | None = None,
+                 heartbeat_grace: float = HEARTBEAT_GRACE, max_buffer: int | None = None,
                  max_connections: int = 1024, backlog: int = 128) -> None:
         super().__init__(relay_host, relay_port, auth_line, session_key=session_key,
                          session_iv=session_iv, idle_timeout=idle_timeout,
@@ -70,6 +91,8 @@ class ClientEnd(TunnelEnd):
         self.bind_host = bind_host
         self.bind_port = int(bind_port)
         self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_grace = heartbeat_grace
+        self.heartbeat_echoes = 0
         self.backlog = backlog
         self.local_port = 0
         self._listener: socket.socket | None = None
@@ -193,8 +216,16 @@ class ClientEnd(TunnelEnd):
         self._spawn_splice(conn, relay, encrypt, decrypt)
 
     async def _heartbeats(self, interval: float) -> None:
+        # the first goes out at once, so that an echoing daemon is known (and watched) from
+        # the start of the session rather than from one interval into it
         while self.state == "open":
-            await asyncio.sleep(interval)
             self.heartbeats_sent += 1
             if self._control.send(encode_heartbeat(self.heartbeats_sent)):
                 self.stats.control_messages += 1
+            await asyncio.sleep(interval)
+
+    def _heartbeat_echo(self) -> None:
+        self.heartbeat_echoes += 1
+        if self.heartbeat_echoes == 1 and self.heartbeat_interval:
+            log.debug("client end: the daemon answers heartbeats; watching its liveness")
+            self._watch_peer(self.heartbeat_interval + self.heartbeat_grace)

@@ -3,9 +3,9 @@
 Owns the plaintext lines the client end writes on the (AES-encrypted) control socket and the
 daemon end reads: ``connect:<key>:<iv>\\n`` (a per-connection AES-256 key and IV, base64),
 ``connect:no:encrypt\\n``, the newer twin-key form ``connect:<kC2D>:<ivC2D>:<kD2C>:<ivD2C>\\n``
-(parsed, never emitted by our client), ``heartbeat:<n>\\n`` (parsed, ignored), and the newline-less
-77-byte form that Atsign's clients before 5.6.1 wrote back to back.  No sockets, no asyncio, no
-cipher: the ends decrypt first and feed this module plaintext.
+(parsed, never emitted by our client), ``heartbeat:<n>\\n`` (parsed; the daemon end echoes
+it), and the newline-less 77-byte form that Atsign's clients before 5.6.1 wrote back to back.
+No sockets, no asyncio, no cipher: the ends decrypt first and feed this module plaintext.
 
 Garbage raises :class:`ControlMessageError` (an ``AtProtocolError``), nothing else; lines are
 capped at :data:`MAX_CONTROL_LINE` bytes so a peer cannot make the parser buffer without bound.
@@ -34,6 +34,7 @@ __all__ = [
     "encode_connect",
     "encode_connect_twin",
     "encode_heartbeat",
+    "encode_heartbeat_echo",
     "encode_no_encrypt",
     "parse_line",
 ]
@@ -147,6 +148,12 @@ def encode_heartbeat(count: int) -> bytes:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"heartbeat count must be a non-negative int, got {count!r}")
     return b"heartbeat:%d\n" % count
+
+
+def encode_heartbeat_echo(heartbeat: Heartbeat) -> bytes:
+    """What our daemon end sends back for a ``heartbeat:<text>``: the same line.  Atsign's
+    clients only log what they read on the control channel; ours take it as proof of life."""
+    return b"heartbeat:%s\n" % heartbeat.text.encode("ascii", "replace")
 
 
 # --- parsing (daemon end) ------------------------------------------------------------------

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 
 from noports.at.stream import CtrStream
 from noports.tunnel.connecting import connect_any, describe, resolve
@@ -27,9 +28,11 @@ from noports.tunnel.control import (
     ControlParser,
     Heartbeat,
     Unknown,
+    encode_heartbeat_echo,
 )
 from noports.tunnel.endpoint import (
     CONNECT_TIMEOUT,
+    HEARTBEAT_GRACE,
     IDLE_GRACE,
     ControlProtocol,
     TunnelEnd,
@@ -94,6 +97,10 @@ class DaemonEnd(TunnelEnd):
     when the session is not encrypted.  In an encrypted session a ``connect:no:encrypt`` is
     refused (that connection only); in an unencrypted one a keyed ``connect:`` is honoured.
 
+    Heartbeats (``heartbeat:<n>`` from the client end) are echoed unless ``echo_heartbeats`` is
+    off; once two have come, a client that then goes silent for the longest recent gap between
+    them plus ``heartbeat_grace`` seconds ends the session (``peer_silent``).
+
     ``idle_timeout`` (the request's ``timeout``): the end closes once it has had no live data
     connection for ``idle_timeout + idle_grace`` seconds.  The grace lets the client end (whose
     timer has the same length and started later) be the one that ends an idle session, by
@@ -116,7 +123,8 @@ class DaemonEnd(TunnelEnd):
                  idle_grace: float = IDLE_GRACE, connect_timeout: float = CONNECT_TIMEOUT,
                  target_timeout: float = CONNECT_TIMEOUT, relay_attempts: int = RELAY_ATTEMPTS,
                  relay_retry_delay: float = RELAY_RETRY_DELAY, max_buffer: int | None = None,
-                 max_connections: int = 1024) -> None:
+                 max_connections: int = 1024, heartbeat_grace: float = HEARTBEAT_GRACE,
+                 echo_heartbeats: bool = True) -> None:
         super().__init__(relay_host, relay_port, auth_line, session_key=session_key,
                          session_iv=session_iv, idle_timeout=idle_timeout,
                          connect_timeout=connect_timeout, max_buffer=max_buffer,
@@ -130,6 +138,10 @@ class DaemonEnd(TunnelEnd):
         self.relay_attempts = max(1, relay_attempts)
         self.relay_retry_delay = relay_retry_delay
         self.connections_refused = 0      # refused by us (policy) rather than by the target
+        self.heartbeat_grace = heartbeat_grace
+        self.echo_heartbeats = echo_heartbeats
+        self._last_heartbeat: float | None = None
+        self._heartbeat_gaps: collections.deque[float] = collections.deque(maxlen=4)
         self._queue: collections.deque[Connect] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._opener: asyncio.Task | None = None
@@ -173,9 +185,26 @@ class DaemonEnd(TunnelEnd):
             if self._wakeup is not None:
                 self._wakeup.set()
         elif isinstance(event, Heartbeat):
-            log.debug("daemon end: heartbeat %s", event.text)
+            self._heartbeat(event)
         elif isinstance(event, Unknown):
             log.info("daemon end: ignoring unknown control message %r", event.line[:80])
+
+    def _heartbeat(self, event: Heartbeat) -> None:
+        """Echo it (our client then watches us) and learn the client's interval from the gaps
+        between heartbeats, so that a client that stops sending them is given up on: after
+        the longest recent gap plus the grace.  Atsign's clients log and ignore the echo."""
+        log.debug("daemon end: heartbeat %s", event.text)
+        if self.echo_heartbeats and self._control is not None:
+            self._control.send(encode_heartbeat_echo(event))
+        now = time.monotonic()
+        if self._last_heartbeat is not None:
+            self._heartbeat_gaps.append(now - self._last_heartbeat)
+            limit = max(max(self._heartbeat_gaps), 0.1) + self.heartbeat_grace
+            if self._peer_limit is None:
+                log.info("daemon end: the client sends heartbeats (every %.1f s): a silence "
+                         "of %.1f s will end the session", self._heartbeat_gaps[-1], limit)
+            self._watch_peer(limit)
+        self._last_heartbeat = now
 
     async def _stop_work(self) -> None:
         if self._opener is not None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from noports.tunnel.connecting import (
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "HEARTBEAT_GRACE",
     "IDLE_GRACE",
     "TunnelEnd",
     "TunnelEnded",
@@ -60,6 +62,9 @@ _UNPAIRED_ABSORBS = 64 * 1024
 _PAIRING_GRACE = 0.2
 #: What the relay writes before closing a socket whose auth line it rejected, sans newline.
 _REFUSED = AUTH_FAILED_LINE.rstrip(b"\n")
+#: Seconds a peer that has shown it answers heartbeats may stay silent beyond one heartbeat
+#: interval before the end gives up on it (reliability-checks.md R5: "keepalive + 5 s").
+HEARTBEAT_GRACE = 5.0
 
 
 class TunnelError(NoPortsError):
@@ -78,7 +83,9 @@ class TunnelEnded:
     pairing of later connections could no longer be trusted), ``pairing_lost`` (a data socket
     failed before it was seen to be paired -- reset inside or right after its auth line -- so
     the relay's FIFO pairing may be out of step), ``start_failed``,
-    ``internal_error`` (a bug: logged with its traceback).
+    ``peer_silent`` (the peer had shown it takes part in control-channel heartbeats, then
+    nothing came from it for a heartbeat interval plus HEARTBEAT_GRACE: the path through the
+    relay is a black hole), ``internal_error`` (a bug: logged with its traceback).
     """
 
     reason: str
@@ -145,9 +152,11 @@ class ControlProtocol(asyncio.Protocol):
         self.refused = False
         self.lost = False
         self.lost_event = asyncio.Event()
+        self.last_heard = time.monotonic()   # when the last bytes came from the peer end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_heard = time.monotonic()
 
     def send(self, plaintext: bytes) -> bool:
         """Encrypt and write one message; False if the control socket is no longer writable."""
@@ -172,6 +181,7 @@ class ControlProtocol(asyncio.Protocol):
                 return      # still a prefix of the refusal: wait for the next bytes
             self.held = None
             data = bytes(held)
+        self.last_heard = time.monotonic()
         plaintext = self.recv_cipher.update(data) if self.recv_cipher is not None else data
         self.plaintext_received(plaintext)
 
@@ -227,6 +237,8 @@ class TunnelEnd:
         self._last_acked: int | None = None   # its bytes_acked once its auth line is ACKed
         self._control: ControlProtocol | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._peer_limit: float | None = None     # seconds of peer silence that end the session
         self._splices: set = set()
         self._tasks: set[asyncio.Task] = set()
         self._loose: set[socket.socket] = set()   # sockets whose connection task has not run
@@ -397,6 +409,32 @@ class TunnelEnd:
         if self.stats.connections_live == 0:
             self._end("idle", f"no connections for {limit:g} s")
 
+    def _watch_peer(self, limit: float) -> None:
+        """From now on, end the session once nothing has come from the peer end over the
+        control channel for ``limit`` seconds (called again to change the limit).
+
+        Only ends that have seen the peer take part in heartbeats call this: a baseline peer
+        never writes on the control channel, and its silence means nothing."""
+        self._peer_limit = limit
+        if self._watch_handle is None and self.state == "open":
+            self._arm_watch()
+
+    def _arm_watch(self) -> None:
+        remaining = self._control.last_heard + self._peer_limit - time.monotonic()  # type: ignore[union-attr,operator]
+        self._watch_handle = self._loop.call_later(max(remaining, 0.05), self._watch_fired)  # type: ignore[union-attr]
+
+    def _watch_fired(self) -> None:
+        self._watch_handle = None
+        if self.state != "open" or self._control is None:
+            return
+        silent = time.monotonic() - self._control.last_heard
+        if silent < self._peer_limit:  # type: ignore[operator]
+            self._arm_watch()
+            return
+        self._end("peer_silent", f"nothing came from the {self.peer_name} over the control "
+                                 f"channel for {silent:.1f} s although it answers heartbeats: "
+                                 "the path through the relay has stopped carrying data")
+
     def _spawn_connection(self, coro: Coroutine, socks: tuple[socket.socket, ...],
                           on_abandon=None) -> asyncio.Task:
         """Run one data connection's coroutine, which owns ``socks`` once it calls _own().
@@ -514,6 +552,9 @@ class TunnelEnd:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
         await self._stop_work()
         control = self._control
         graceful = self.ended is not None and self.ended.reason in ("idle", "closed")

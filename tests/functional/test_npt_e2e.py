@@ -734,3 +734,72 @@ def test_r4_killing_the_relay_or_the_daemon_mid_transfer(stack, background, run,
         assert survivor.proc.poll() is None
     finally:
         killed.stop()
+
+
+# --- R5 on real processes: a relay that swallows everything ------------------------------------
+
+@pytest.mark.fault
+def test_r5_a_frozen_relay_is_noticed_by_npt_and_npd_within_heartbeat_plus_5s(stack, run):
+    """srvd SIGSTOPped mid-transfer: its kernel still accepts bytes (and answers TCP
+    keepalive) but nothing is forwarded or closed -- a black hole.  npt (``--heartbeat 1``)
+    and npd see the heartbeat echoes stop and both end the session within 1 + 5 s: npt with a
+    session-phase error naming the silence (exit 9), npd with ``peer_silent`` in its log."""
+    base = stack.log_dir
+    relay = SrvdProcess(stack.atserver, base, atsign="@relayk").ready()
+    heartbeat, grace = 1.0, 5.0
+    watching = r"daemon end: the client sends heartbeats"
+    watched_before = stack.npd.count(watching)
+
+    async def main():
+        echo = await start_echo_server()
+        npt = LoggedProcess(stack.npt_cmd("-p", str(echo.port), "-h", HOST, "-T", "30s",
+                                          "--heartbeat", str(heartbeat), relay="@relayk"),
+                            base / f"npt-r5-{uuid.uuid4().hex[:6]}.log", capture_stdout=True,
+                            env=npt_env())
+        loop = asyncio.get_running_loop()
+        try:
+            port = int(await loop.run_in_executor(
+                None, lambda: npt.wait_stdout(r"^\d+$", NPT_TIMEOUT)))
+            sid = re.search(r"session: ([0-9a-f-]{36}):",
+                            npt.wait_line(r"session: ", 1)).group(1)
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(os.urandom(1 << 20))
+            await writer.drain()
+            got = 0
+            while got < 1 << 20:
+                data = await asyncio.wait_for(reader.read(1 << 16), 10)
+                assert data, "the echo ended early"
+                got += len(data)
+            # npd watches a client once it has seen two heartbeats (it learns the interval)
+            await loop.run_in_executor(None, lambda: stack.npd.wait_line(
+                watching, heartbeat * 3 + 5, nth=watched_before + 1))
+            relay.signal(signal.SIGSTOP)
+            t_stop = time.monotonic()
+            line = await loop.run_in_executor(
+                None, lambda: npt.wait_line(r"npt: error: session phase failed",
+                                            heartbeat + grace + 2))
+            npt_after = time.monotonic() - t_stop
+            code = await loop.run_in_executor(None, npt.wait, 5)
+            npd_line = await loop.run_in_executor(
+                None, lambda: stack.npd.wait_line(rf"session {sid} for @client ended",
+                                                  max(0.1, t_stop + heartbeat + grace + 2
+                                                      - time.monotonic())))
+            npd_after = time.monotonic() - t_stop
+            writer.close()
+            return line, code, npt_after, npd_line, npd_after, port
+        finally:
+            relay.signal(signal.SIGCONT)
+            if npt.alive():
+                npt.kill()
+            await echo.close()
+
+    try:
+        line, code, npt_after, npd_line, npd_after, port = run(main(), timeout=90)
+    finally:
+        relay.stop()
+    assert "silent" in line and "daemon" in line, line
+    assert code == 9
+    assert npt_after <= heartbeat + grace + 1.5, npt_after
+    assert "peer_silent" in npd_line, npd_line
+    assert npd_after <= heartbeat + grace + 1.5, npd_after
+    assert not listening(port)

@@ -100,7 +100,8 @@ def test_ping_response_json_dart_order_derived_from_the_spec():
     assert ping.to_json() == (
         '{"devicename":"default","deviceGroupName":"__none__","version":"0.1.0",'
         '"corePackageVersion":"py0.1.0","supportedFeatures":{"srAuth":true,"srE2ee":true,'
-        '"acceptsPublicKeys":false,"supportsPortChoice":true,"adjustableTimeout":true},'
+        '"acceptsPublicKeys":false,"supportsPortChoice":true,"adjustableTimeout":true,'
+        '"controlChannelHeartbeats":true},'
         '"allowedServices":["localhost:22","localhost:3389"]}'
     )
 
@@ -108,8 +109,7 @@ def test_ping_response_json_dart_order_derived_from_the_spec():
 def test_ping_response_advertises_only_implemented_features():
     features = PingResponse("d").supported_features
     assert {k for k, v in features.items() if v} == set(FEATURES)
-    for unimplemented in ("acceptsPublicKeys", "twinKeys", "supportsRamEscr",
-                          "controlChannelHeartbeats"):
+    for unimplemented in ("acceptsPublicKeys", "twinKeys", "supportsRamEscr"):
         assert features.get(unimplemented) is not True
     # what npt requires (§3.1): srAuth, srE2ee, supportsPortChoice, adjustableTimeout
     assert PingResponse("d").missing_features(list(FEATURES)) == []
@@ -139,7 +139,7 @@ def test_ping_response_liberal_parse():
                                '"acceptsPublicKeys":false,"supportsPortChoice":true},'
                                '"allowedServices":["localhost:22"]}')
     assert c.device_group_name == "__none__"
-    assert c.missing_features(list(FEATURES)) == ["adjustableTimeout"]
+    assert c.missing_features(list(FEATURES)) == ["adjustableTimeout", "controlChannelHeartbeats"]
     # v4 daemon: no supportedFeatures at all -> only acceptsPublicKeys
     v4 = PingResponse.from_json('{"devicename":"old","version":"4.0.5"}')
     assert v4.supported_features == {"acceptsPublicKeys": True}
