@@ -9,9 +9,12 @@ while a real regression still does.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,16 @@ RESULTS = Path(os.environ.get("NOPORTS_BENCH_RESULTS", Path(__file__).parent / "
 
 #: Fraction by which a ratio may miss its target before the gate fails (issue 7: 15 %).
 TOLERANCE = float(os.environ.get("NOPORTS_BENCH_TOLERANCE", "0.15"))
+
+
+def within_target(ratio: float, target: float | None, lower_is_better: bool,
+                  tolerance: float = TOLERANCE) -> bool:
+    """The gate's rule: a ratio may miss its target by at most ``tolerance`` (a fraction)."""
+    if target is None:
+        return True
+    if lower_is_better:
+        return ratio <= target * (1 + tolerance)
+    return ratio >= target * (1 - tolerance)
 
 
 def quick() -> bool:
@@ -77,11 +90,7 @@ class Comparison:
         return self.ours / self.baseline if self.baseline else float("inf")
 
     def passed(self) -> bool:
-        if self.target is None:
-            return True
-        if self.lower_is_better:
-            return self.ratio <= self.target * (1 + TOLERANCE)
-        return self.ratio >= self.target * (1 - TOLERANCE)
+        return within_target(self.ratio, self.target, self.lower_is_better)
 
     def describe(self) -> str:
         tgt = ""
@@ -91,28 +100,97 @@ class Comparison:
                 f"{self.baseline_name} {self.baseline:,.4g} {self.unit} = {self.ratio:.3f}x{tgt}")
 
 
-def record(comparison: Comparison, benchmark=None) -> Comparison:
-    """Store a comparison in pytest-benchmark's extra_info and in bench/.results/latest.json."""
-    if benchmark is not None:
-        benchmark.extra_info[comparison.name] = {
-            "ours": comparison.ours, "baseline": comparison.baseline, "unit": comparison.unit,
-            "baseline_name": comparison.baseline_name, "ratio": comparison.ratio,
-            "target": comparison.target, **comparison.extra,
-        }
+def _git(*args: str) -> str | None:
+    """Output of a read-only git command in the repository, or None (no git, not a clone).
+
+    ``--no-optional-locks``: status must not take the index lock while someone commits."""
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", *args], capture_output=True,
+                             text=True, timeout=20, cwd=Path(__file__).resolve().parent.parent,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _data_plane() -> str:
+    """"compiled" or "pure" (or one entry per module when mixed): what this process runs."""
+    try:
+        import noports._speedups as speedups
+    except ImportError:
+        return "unknown"
+    live = {name: speedups.implementation(name) for name in speedups.MODULES}
+    kinds = set(live.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    return ", ".join(f"{name}={impl}" for name, impl in live.items()) or "pure"
+
+
+@functools.cache
+def run_info() -> dict:
+    """What a figure was measured at: once per benchmark process, stored with every record.
+
+    The commit is the short hash of HEAD, "dirty" when the working tree differed from it
+    (tracked edits or untracked files), so a figure can be traced to the code it measured."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit:
+        status = _git("status", "--porcelain")
+        dirty = None if status is None else bool(status.strip())
+        commit = commit.strip()
+    else:
+        commit, dirty = (os.environ.get("GITHUB_SHA", "")[:7] or "unknown"), None
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "dirty": dirty,
+            "data_plane": _data_plane(), "mode": "quick" if quick() else "full",
+            "tolerance": TOLERANCE, "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+def _update_latest(key: str, update: Callable[[dict], None]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "latest.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    data[f"{comparison.suite}/{comparison.name}"] = {
-        **asdict(comparison), "ratio": comparison.ratio,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    entry = data.setdefault(key, {})
+    update(entry)
+    if not entry:               # gate() on a comparison that was never recorded
+        del data[key]
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def record(comparison: Comparison, benchmark=None) -> Comparison:
+    """Store a comparison in pytest-benchmark's extra_info and in bench/.results/latest.json.
+
+    The entry carries ``run`` (run_info(): commit, data plane, quick/full mode) and the load
+    average at the time; ``python -m bench.report`` turns the file into bench/README.md's table."""
+    if benchmark is not None:
+        benchmark.extra_info[comparison.name] = {
+            "ours": comparison.ours, "baseline": comparison.baseline, "unit": comparison.unit,
+            "baseline_name": comparison.baseline_name, "ratio": comparison.ratio,
+            "target": comparison.target, **comparison.extra,
+        }
+    fresh = {**asdict(comparison), "ratio": comparison.ratio,
+             "when": time.strftime("%Y-%m-%d %H:%M:%S"), "run": run_info(),
+             "load_1m": round(os.getloadavg()[0], 2), "gated": False}
+
+    def replace(entry: dict) -> None:
+        entry.clear()           # a figure from an earlier run must not leak into this one
+        entry.update(fresh)
+
+    _update_latest(f"{comparison.suite}/{comparison.name}", replace)
     print(comparison.describe())
     return comparison
 
 
 def gate(comparison: Comparison) -> None:
-    """Fail the benchmark when a ratio misses its target by more than TOLERANCE."""
+    """Fail the benchmark when a ratio misses its target by more than TOLERANCE.
+
+    The recorded entry is marked ``gated`` first, so the report can tell gated figures from
+    figures that are only reported."""
+    def mark(entry: dict) -> None:
+        if entry:
+            entry["gated"] = True
+
+    _update_latest(f"{comparison.suite}/{comparison.name}", mark)
     assert comparison.passed(), "ratio target missed: " + comparison.describe()
