@@ -145,96 +145,184 @@ async def drain_socket(sock: socket.socket) -> tuple[int, str]:
 
 STORM_KINDS = ("silent", "garbage", "slowloris")
 
+# The storm generator.  argv[1] is JSON: ports, host, source (the address the storm comes
+# from), total, seconds (the launches are spread evenly over them), max_concurrent, nice,
+# hold_max.  Connection i goes to ports[i % len(ports)] and is of kind STORM_KINDS[i % 3]:
+# silent (held open until the relay drops it), garbage (one non-auth line, then wait for the
+# relay to close), slowloris ("{" at connect, then one more byte every second, until the relay
+# drops it).  At most max_concurrent of our sockets exist at once: a launch waits for a free
+# place rather than exceed it (counted as gate_waits).  A socket the relay still holds after
+# hold_max seconds is aborted and counted as held_too_long.  Protocol callbacks, one shared
+# 1-byte/s drip timer and no task per open socket keep the generator's own CPU small.
+# stdout: JSON lines {"event": "started"}, {"event": "launched", ...}, {"event": "done", ...}.
 STORM_SCRIPT = r"""
-import asyncio, json, resource, socket, sys, time
-from collections import Counter
-_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+import asyncio, collections, json, os, resource, socket, sys, time
 cfg = json.loads(sys.argv[1])
+# lowered CPU priority: see the docstring of tests/functional/test_r1_storm.py
+os.nice(cfg["nice"])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = cfg["max_concurrent"] + 256
+if soft < want:
+    cap = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
+    sys.exit(f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)} < {want}")
 KINDS = ("silent", "garbage", "slowloris")
 GARBAGE = b"GET / HTTP/1.1 not-an-auth-line\n"
+REFUSAL = b"Socket auth failed"
+# the source port is picked at connect(), per destination, not at bind(): no ephemeral-port
+# shortage however many connections come from the one source address
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
-async def until_closed(loop, sock):
-    data = b""
-    while True:
-        try:
-            chunk = await loop.sock_recv(sock, 4096)
-        except (ConnectionResetError, BrokenPipeError):
-            return "reset"
-        if not chunk:
-            return "refused" if data.startswith(b"Socket auth failed") else "eof"
-        data += chunk
 
-async def storm(ports, total, rate, max_concurrent, hold_max=30.0):
-    # total unauthenticated connections, launched at `rate` per second, at most
-    # `max_concurrent` open at once; kinds in turn: silent (held until the relay drops it),
-    # a garbage line, slowloris (1 byte per second until dropped)
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(max_concurrent)
-    outcomes = Counter()
-    live = peak = 0
-    held = []
+class Storm:
+    def __init__(self, loop):
+        self.loop = loop
+        self.gate = asyncio.Semaphore(cfg["max_concurrent"])
+        self.live = self.peak = self.gate_waits = 0
+        self.launched_all = False
+        self.idle = asyncio.Event()
+        self.outcomes = collections.Counter()
+        self.held = {kind: [] for kind in KINDS}
+        self.drips = collections.deque()      # (due, conn) of slowloris sockets, due order
+        self.timeline = []                    # (second, live) once a second
 
-    async def one(i):
-        nonlocal live, peak
+    def opened(self):
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+
+    def closed(self, kind, how, held):
+        self.live -= 1
+        self.gate.release()
+        self.outcomes[kind + ":" + how] += 1
+        if held is not None:
+            self.held[kind].append(held)
+        if self.launched_all and self.live == 0:
+            self.idle.set()
+
+    async def one(self, i):
         kind = KINDS[i % 3]
+        port = cfg["ports"][i % len(cfg["ports"])]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        self.opened()
         try:
+            sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, ("127.0.0.1", ports[i % len(ports)]))
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             except OSError:
-                outcomes["connect_failed"] += 1
-                return
-            live += 1
-            peak = max(peak, live)
-            opened = time.monotonic()
-            closer = loop.create_task(until_closed(loop, sock))
-            try:
-                if kind == "garbage":
-                    await loop.sock_sendall(sock, GARBAGE)
-                elif kind == "slowloris":
-                    while not closer.done():
-                        await loop.sock_sendall(sock, b"{")
-                        await asyncio.wait({closer}, timeout=1.0)
-                how = await asyncio.wait_for(closer, hold_max)
-            except (OSError, asyncio.TimeoutError) as exc:
-                closer.cancel()
-                how = "reset" if isinstance(exc, OSError) else "held_too_long"
-            outcomes[kind + ":" + how] += 1
-            if kind != "garbage":
-                held.append(time.monotonic() - opened)
-            live -= 1
-        finally:
+                pass
+            sock.bind((cfg["source"], 0))
+            await self.loop.sock_connect(sock, (cfg["host"], port))
+            await self.loop.create_connection(lambda: Conn(self, kind), sock=sock)
+        except OSError as exc:
             sock.close()
-            gate.release()
+            self.closed(kind, "connect_failed:" + type(exc).__name__, None)
 
-    start = loop.time()
-    print(json.dumps({"event": "started"}), flush=True)
-    tasks = []
-    for i in range(total):
-        await gate.acquire()
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(loop.create_task(one(i)))
-    launched = loop.time() - start
-    print(json.dumps({"event": "launched", "seconds": launched}), flush=True)
-    await asyncio.gather(*tasks)
-    held.sort()
-    print(json.dumps({"event": "done", "launched_s": round(launched, 2),
-                      "total_s": round(loop.time() - start, 2), "peak_concurrent": peak,
-                      "outcomes": dict(outcomes),
-                      "held_max_s": round(held[-1], 2) if held else 0.0,
-                      "held_p50_s": round(held[len(held) // 2], 2) if held else 0.0}),
-          flush=True)
+    async def drip(self):
+        # slowloris: each socket gets one byte a second, from one timer for all of them
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            drips = self.drips
+            while drips and drips[0][0] <= now:
+                due, conn = drips.popleft()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    conn.transport.write(b"{")
+                    drips.append((due + 1.0, conn))
+
+    async def watch(self, start):
+        while True:
+            await asyncio.sleep(1.0)
+            self.timeline.append((round(self.loop.time() - start), self.live))
+
+    async def run(self):
+        loop = self.loop
+        total, seconds = cfg["total"], cfg["seconds"]
+        dripper = loop.create_task(self.drip())
+        tasks = set()
+        lag = 0.0
+        start = loop.time()
+        watcher = loop.create_task(self.watch(start))
+        print(json.dumps({"event": "started"}), flush=True)
+        for i in range(total):
+            delay = start + i * seconds / total - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                lag = max(lag, -delay)
+            if self.gate.locked():
+                self.gate_waits += 1
+            await self.gate.acquire()
+            task = loop.create_task(self.one(i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        launched = loop.time() - start
+        self.launched_all = True
+        if self.live == 0:
+            self.idle.set()
+        print(json.dumps({"event": "launched", "seconds": round(launched, 2)}), flush=True)
+        await self.idle.wait()
+        dripper.cancel()
+        watcher.cancel()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        held = {}
+        for kind, times in self.held.items():
+            times.sort()
+            if times:
+                held[kind] = {"p50_s": round(times[len(times) // 2], 2),
+                              "min_s": round(times[0], 2), "max_s": round(times[-1], 2)}
+        print(json.dumps({"event": "done", "launched_s": round(launched, 2),
+                          "total_s": round(loop.time() - start, 2), "launch_lag_max_s":
+                          round(lag, 3), "peak_concurrent": self.peak,
+                          "gate_waits": self.gate_waits, "outcomes": dict(self.outcomes),
+                          "held": held, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                          "nice": os.nice(0), "timeline": self.timeline}), flush=True)
+
+
+class Conn(asyncio.Protocol):
+    def __init__(self, storm, kind):
+        self.storm = storm
+        self.kind = kind
+        self.transport = None
+        self.head = b""
+        self.how = None
+        self.guard = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.opened = time.monotonic()
+        if self.kind == "garbage":
+            transport.write(GARBAGE)
+        elif self.kind == "slowloris":
+            transport.write(b"{")
+            self.storm.drips.append((self.opened + 1.0, self))
+        self.guard = self.storm.loop.call_later(cfg["hold_max"], self.too_long)
+
+    def data_received(self, data):
+        if len(self.head) < len(REFUSAL):
+            self.head += data
+
+    def eof_received(self):
+        return False                  # close our side too
+
+    def too_long(self):
+        self.how = "held_too_long"
+        self.transport.abort()
+
+    def connection_lost(self, exc):
+        self.guard.cancel()
+        how = self.how or ("reset" if exc is not None
+                           else "refused" if self.head.startswith(REFUSAL) else "eof")
+        held = time.monotonic() - self.opened
+        self.storm.closed(self.kind, how, held)
+
 
 try:
     import uvloop
     loop = uvloop.new_event_loop()
 except ImportError:
     loop = asyncio.new_event_loop()
-loop.run_until_complete(storm(**cfg))
+loop.run_until_complete(Storm(loop).run())
 """
 
 # The stream's counters live in a shared 32-byte file: [0:8] bytes the sink got, [8:16] the
