@@ -32,6 +32,8 @@ def _extensions():
             f"noports._speedups.{src.stem}",
             [str(src.relative_to(HERE))],
             libraries=LIBRARIES.get(src.stem, []),
+            # its C headers: a change to one alone must rebuild the module too
+            depends=[str(h.relative_to(HERE)) for h in sorted(src.parent.glob(f"{src.stem}*.h"))],
         )
         for src in sources
     ]

@@ -3,7 +3,7 @@
 # A TunnelSplice joins a *plain* socket (the user's connection at npt, the target at npd) and a
 # *relay* socket whose bytes are AES-256-CTR (noports-protocol.md §6).  Each direction is one
 # _Dir: bytes are received into one reused block, put through that direction's cipher IN PLACE
-# (EVP on the receive buffer: no second buffer, no Python object per chunk), and sent from the
+# (AES-CTR on the receive buffer: no second buffer, no Python object per chunk), and sent from the
 # same block.  The event loop (uvloop or stock asyncio) only reports readiness of the two raw fds
 # (add_reader/add_writer); the callbacks are C loops in tunnelpump.pyx.
 #
@@ -11,11 +11,15 @@
 # - a fresh >= 128 KiB buffer per chunk plus a fresh cipher output pushes glibc into mmap/munmap
 #   churn (a 256 KiB update() 35 -> 242 us, an encrypting chain 1.3 -> 0.6 GB/s): one block per
 #   direction, borrowed from a small pool while bytes wait in it, encrypted where it lies;
-# - a new cipher context per chunk costs ~35 % of AES throughput: one EVP context per direction
+# - a new cipher context per chunk costs ~35 % of AES throughput: one cipher state per direction
 #   for the whole connection, which also carries the keystream position across odd-sized reads;
 # - 1 MiB per recv (the twin, like the loops' transports, reads 256 KiB): the pump's CPU per GB
 #   fell from 0.475 s (256 KiB) to 0.391 s (1 MiB) against the twin's 0.540 s; the block still
-#   fits one core's L2 between recv, AES pass and send (measurements in tunnelpump.pyx).
+#   fits one core's L2 between recv, AES pass and send (measurements in tunnelpump.pyx);
+# - OpenSSL 3.0's AES-CTR (128-bit AES-NI) was ~40 % of the pump's CPU: where the CPU has VAES,
+#   our own 256-bit engine (tunnelpump_vaes.h) runs it at about half the cost: pump CPU per GB
+#   0.55 s -> 0.33 s (encryption off: 0.25 s), npt + srvd + npd per GB 1.25 s -> 0.94-1.01 s
+#   (three socat hops: 0.86-0.97 s) in bench/test_bench_e2e.py-shaped runs.
 #
 # tunnelpump.pyx cimports this file as ``tunnelpump`` (it sits next to the .pyx), as relaypump
 # does: the sources live in the top-level _speedups/, not under the module's dotted path.  Only
@@ -31,19 +35,20 @@ cdef extern from "<errno.h>" nogil:
     int EWOULDBLOCK           # Cython's libc.errno lacks it (equal to EAGAIN on Linux)
 
 cdef extern from "tunnelpump_sys.h" nogil:
-    ctypedef struct EVP_CIPHER_CTX:
+    ctypedef struct tp_ctr:
         pass
     int TP_MSG_NOSIGNAL
     void tp_set_errno(int e)
-    EVP_CIPHER_CTX *tp_ctr_new(const unsigned char *key, const unsigned char *iv)
-    void tp_ctr_free(EVP_CIPHER_CTX *ctx)
-    int tp_ctr_crypt(EVP_CIPHER_CTX *ctx, const unsigned char *inp, unsigned char *out,
-                     size_t n)
+    int tp_ctr_fast_available()
+    tp_ctr *tp_ctr_new(const unsigned char *key, const unsigned char *iv, int allow_fast)
+    void tp_ctr_free(tp_ctr *ctx)
+    int tp_ctr_engine(const tp_ctr *ctx)
+    int tp_ctr_crypt(tp_ctr *ctx, const unsigned char *inp, unsigned char *out, size_t n)
 
 
 cdef struct _Ctr:
     # the C half of one EvpCtr cipher object (a direction's AES-256-CTR state)
-    EVP_CIPHER_CTX *ctx       # long-lived: the keystream position is inside it
+    tp_ctr *ctx               # long-lived: the keystream position is inside it (VAES or EVP)
     long long position        # bytes processed so far (CtrStream.position's meaning)
 
 
@@ -52,7 +57,7 @@ cdef struct _Dir:
     int index             # 0: plain -> relay (encrypts), 1: relay -> plain (decrypts)
     int src_fd            # the socket this direction reads
     int dst_fd            # the socket it writes
-    # -- the cipher: 0 none (copy), 1 our EVP state, 2 a foreign object's update_into --
+    # -- the cipher: 0 none (copy), 1 our EvpCtr state (VAES or EVP), 2 a foreign update_into --
     int cipher_kind
     _Ctr *ctr             # kind 1: inside the EvpCtr that TunnelSplice keeps alive
     # -- what waits to go out, in order: the head bytes, then the block --

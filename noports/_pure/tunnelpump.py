@@ -9,7 +9,8 @@ encrypt``).  Same semantics as the relay's pump (``noports/_pure/relaypump.py``)
 FIN (half-close), a reset or a full close on one side closing the other, back-pressure with at
 most ``max_buffer`` bytes buffered per direction, byte counts.  It never parses what it carries.
 
-API kept by the compiled twin (``_speedups/tunnelpump.pyx``, OpenSSL EVP on its own buffers):
+API kept by the compiled twin (``_speedups/tunnelpump.pyx``, AES-CTR on its own buffers, with
+VAES or OpenSSL EVP):
 ``new_cipher(key, iv)`` makes the cipher object *this* implementation wants (here a
 :class:`~noports.at.stream.CtrStream`); ``open_splice_encrypted(...) -> TunnelSplice`` and
 ``splice_encrypted(...) -> TunnelResult``.  Callers make ciphers only through ``new_cipher`` of
