@@ -447,7 +447,6 @@ cdef class TunnelSplice:
         cdef ssize_t n
         cdef int rounds = 0
         cdef int r
-        cdef bint short_read = False
         if self.s.finished:
             return 0   # a callback the loop had already queued when the splice ended
         while True:
@@ -470,13 +469,17 @@ cdef class TunnelSplice:
                 if self.s.pr.eof_passed and self.s.rp.eof_passed:
                     self._fail("eof", None)
                 return 0
-            if short_read or rounds == _MAX_ROUNDS:
-                # A read that returned less than asked emptied the socket's queue: skip the read
-                # that would only say EAGAIN (the reader is level-triggered, so bytes that arrive
-                # meanwhile wake us again).  One syscall saved per wake-up, which is most of them
-                # in interactive traffic.
+            if rounds == _MAX_ROUNDS:
+                # Fairness: let the other connections run.  Come back by call_soon, not only by
+                # the poll: uvloop (libuv) reports POLLERR on an fd once and then stops polling
+                # it, so bytes still queued -- and the reset behind them -- would never be read.
+                # (For the same reason there is no "short read: skip the read that would say
+                # EAGAIN" shortcut: that last read is the one that reports the reset.)
                 _return_buf(d)      # empty: its block goes back to the pool
-                return self._want(d, True, False)
+                self._want(d, True, False)
+                self.loop.call_soon(
+                    self._cb_read_plain if d.index == 0 else self._cb_read_relay)
+                return 0
             rounds += 1
             if d.buf == NULL:
                 d.buf = _borrow_buf(d, self.s.block_size)
@@ -490,7 +493,6 @@ cdef class TunnelSplice:
                 d.buf_start = 0
                 d.buf_end = n
                 d.forwarded += n
-                short_read = n < d.buf_cap
             elif n == 0:
                 d.src_eof = True
             elif _would_block(errno):

@@ -626,6 +626,28 @@ def test_half_close_passes_fin_and_the_other_way_keeps_flowing(run, event_loop_k
     run(main())
 
 
+@pytest.mark.parametrize("nbytes", [1000, 3 * MiB])
+@pytest.mark.parametrize("side", ["plain", "relay"])
+def test_bytes_then_a_reset_in_one_wakeup_still_end_the_splice(run, event_loop_kind, impl, side,
+                                                                nbytes):
+    """The peer's last bytes and its RST reach the pump's socket before the pump runs: the
+    splice must end as a reset by that side, never hang (uvloop reports POLLERR once and then
+    stops polling the socket; see the relay pump's test of the same name)."""
+    async def main():
+        async with no_fd_leak():
+            r = await rig(impl, enc=(KEY, IV), dec=(KEY, IV))
+            ends = {"plain": r.app, "relay": r.wire}
+            victim, other = ends[side], ends["relay" if side == "plain" else "plain"]
+            victim.setblocking(True)
+            victim.sendall(os.urandom(nbytes))
+            reset(victim)
+            result = await asyncio.wait_for(r.pump.wait(), 5)
+            other.close()
+            assert (result.how_ended, result.ended_by) == ("reset", side)
+
+    run(main())
+
+
 @pytest.mark.parametrize("side", ["plain", "relay"])
 def test_a_reset_on_one_side_closes_the_other(run, event_loop_kind, impl, side):
     async def main():
