@@ -21,6 +21,16 @@ throughput equal to socat's or better.  strace of 1 GiB through it: 2,204 splice
 1 MiB per call), 179 epoll waits, 96 epoll_ctl and nothing else: the loop is not in the way.
 The GIL is held throughout: every call here is non-blocking and short, and dropping it around
 each would cost more than it could give another thread.
+
+What one hop costs (issue 5; iperf3 -> this pump -> iperf3 -s vs direct, interleaved): 91 % of
+the relay's CPU is kernel time (perf), and a minimal C epoll splice relay costs the same CPU per
+GB and reaches the same throughput, so the pump is at the kernel's floor.  The hop also makes
+its two ends dearer: the receiver copies out of spliced skbs built from 4 KiB page fragments
+(per-fragment copy overhead doubles) and the sender runs slower too, so the whole chain's CPU
+goes from ~0.27 s/GB direct to ~0.48 s/GB through one hop.  On a CPU-bound shared box that
+ratio, not this code, sets the throughput (~0.55-0.7x direct).  Tried and not better within
+noise: 64-256 KiB pipes, no TCP_NODELAY, blocking splice in a thread per direction, the copy
+path (receiver cheaper, relay 2x dearer).
 """
 
 import asyncio
@@ -371,7 +381,6 @@ cdef class Splice:
         cdef Py_ssize_t asked = 0
         cdef int rounds = 0
         cdef int r
-        cdef bint short_read = False
         if self.s.finished:
             return 0   # a callback the loop had already queued when the splice ended
         while True:
@@ -397,18 +406,20 @@ cdef class Splice:
                 if self.s.ab.eof_passed and self.s.ba.eof_passed:
                     self._fail("eof", None)
                 return 0
-            if short_read or rounds == _MAX_ROUNDS:
-                # A read that returned less than asked emptied the socket's queue: skip the
-                # read that would only say EAGAIN (the reader is level-triggered, so bytes that
-                # arrive meanwhile wake us again).  Saves one syscall per wake-up, which is
-                # most of them in interactive traffic (64-byte ping-pong).
+            if rounds == _MAX_ROUNDS:
+                # Fairness: let the other connections run.  Come back by call_soon, not only by
+                # the poll: uvloop (libuv) reports POLLERR on an fd once and then stops polling
+                # it, so bytes still queued -- and the reset behind them -- would never be read.
+                # (For the same reason there is no "short read: skip the read that would say
+                # EAGAIN" shortcut: that last read is the one that reports the reset.)
                 _release_dir(d)     # empty: its carrier goes back to the pool
-                return self._want(d, True, False)
+                self._want(d, True, False)
+                self.loop.call_soon(self._cb_read_a if d.index == 0 else self._cb_read_b)
+                return 0
             rounds += 1
             n = self._fill(d, &asked)
             if n > 0:
                 d.forwarded += n
-                short_read = n < asked
             elif n == 0:
                 d.src_eof = True
             elif _would_block(errno):
@@ -434,6 +445,10 @@ cdef class Splice:
             n = np_splice(d.pipe_r, d.dst_fd, <size_t>d.in_pipe)
             if n > 0:
                 d.in_pipe -= n
+                if d.in_pipe > 0:
+                    # A non-blocking socket takes less only when its send buffer is full: the
+                    # retry would just say EAGAIN (one wasted call per back-pressure stall).
+                    return 1
             elif n < 0 and errno == EINTR:
                 continue
             elif n < 0 and _would_block(errno):
@@ -447,6 +462,8 @@ cdef class Splice:
                      NP_MSG_NOSIGNAL)
             if n > 0:
                 d.buf_start += n
+                if d.buf_end > d.buf_start:
+                    return 1        # a short send: the send buffer is full (as above)
             elif n < 0 and errno == EINTR:
                 continue
             else:

@@ -424,6 +424,31 @@ def test_half_close_passes_fin_and_the_other_way_keeps_flowing(run, event_loop_k
     run(main())
 
 
+@pytest.mark.parametrize("nbytes", [1000, 3 * MiB])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_bytes_then_a_reset_in_one_wakeup_still_end_the_splice(run, event_loop_kind, impl, side,
+                                                                nbytes):
+    """The peer's last bytes and its RST reach the pump's socket before the pump runs.  uvloop
+    (libuv) reports POLLERR once and then stops polling that socket, so a pump that stops
+    reading after a short read -- or after its rounds limit with data still queued -- and
+    waits for the next readiness event never learns of the reset (found by the R5 data-cut
+    test: the relay kept a dead pair open).  The splice must still end, as a reset by that
+    side, with what arrived before it passed on or dropped, never hung."""
+    async def main():
+        async with no_fd_leak():
+            pair, pump = await spliced(impl)
+            ends = {"a": pair.a, "b": pair.b}
+            victim, other = ends[side], ends["b" if side == "a" else "a"]
+            victim.setblocking(True)
+            victim.sendall(os.urandom(nbytes))     # all of it into the kernel, no loop turn
+            reset(victim)
+            result = await asyncio.wait_for(pump.wait(), 5)
+            other.close()
+            assert (result.how_ended, result.ended_by) == ("reset", side)
+
+    run(main())
+
+
 @pytest.mark.parametrize("side", ["a", "b"])
 def test_a_reset_on_one_side_closes_the_other(run, event_loop_kind, impl, side):
     async def main():
