@@ -57,7 +57,13 @@ def describe() -> str:
     """One line for ``--version``: the live implementation of every data-plane module."""
     if not MODULES:
         return "data plane: pure Python (no compiled modules in this release)"
-    parts = [f"{name}={implementation(name)}" for name in MODULES]
+    parts = []
+    for name in MODULES:
+        part = f"{name}={implementation(name)}"
+        engines = getattr(load(name), "_aes_engines", None)
+        if engines is not None and implementation(name) == "compiled":
+            part += f" (AES: {engines()[0]})"    # VAES where the CPU has it, else OpenSSL EVP
+        parts.append(part)
     return "data plane: " + ", ".join(parts)
 
 
