@@ -7,12 +7,14 @@ writes (``Socket auth failed``, EOF, RST) and when.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import socket
 import struct
 import time
+import types
 import uuid
 from dataclasses import dataclass
 from functools import cache
@@ -137,17 +139,22 @@ async def send_random(sock: socket.socket, nbytes: int, seed: int, *, eof: bool 
     return digest.hexdigest()
 
 
-async def receive_all(sock: socket.socket) -> tuple[int, str]:
-    """Read to EOF: (byte count, sha256)."""
+async def receive_all(sock: socket.socket, cipher=None, *, size: int = 1 << 18,
+                      pause: float = 0.0) -> tuple[int, str]:
+    """Read to EOF, ``size`` bytes at a time: (byte count, sha256 of what was read, put through
+    ``cipher.update`` first if given).  ``pause`` > 0 paces a slow reader (~size/pause bytes a
+    second): it sleeps after each read, which is pacing, not synchronisation."""
     loop = asyncio.get_running_loop()
     digest = hashlib.sha256()
     total = 0
     while True:
-        chunk = await loop.sock_recv(sock, 1 << 18)
+        chunk = await loop.sock_recv(sock, size)
         if not chunk:
             return total, digest.hexdigest()
         total += len(chunk)
-        digest.update(chunk)
+        digest.update(chunk if cipher is None else cipher.update(chunk))
+        if pause:
+            await asyncio.sleep(pause)
 
 
 async def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -168,6 +175,24 @@ async def until(predicate, timeout: float = 5.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def peak_of(measure, every: float = 0.005):
+    """Sample ``measure()`` every ``every`` seconds while the block runs (a pump's buffered
+    bytes, say); yields a namespace whose ``value`` is the highest sample so far."""
+    peak = types.SimpleNamespace(value=0)
+
+    async def sample():
+        while True:
+            peak.value = max(peak.value, measure())
+            await asyncio.sleep(every)
+
+    sampling = asyncio.ensure_future(sample())
+    try:
+        yield peak
+    finally:
+        sampling.cancel()
 
 
 async def genuine_pair(opened: Opened, nbytes: int = 1 << 20, seed: int = 1) -> None:

@@ -25,6 +25,7 @@ from tests.functional.relay_helpers import (
     genuine_pair,
     keys,
     open_session,
+    peak_of,
     port_is_free,
     read_until_closed,
     receive_all,
@@ -435,43 +436,23 @@ def test_slow_reader_pauses_the_fast_writer(run, event_loop_kind):
     async def main():
         async with relay() as registry:
             o = await open_session(registry)
-            loop = asyncio.get_running_loop()
             a = await connect(o.port_a, o.line_a)
             b = await connect(o.port_b, o.line_b)
             await until(lambda: o.session.splices(), what="paired")
             splice = o.session.splices()[0]
-            peak = 0
-
-            async def slow_reader():
-                import hashlib
-                digest, got = hashlib.sha256(), 0
-                while True:
-                    chunk = await loop.sock_recv(b, 512 * 1024)
-                    if not chunk:
-                        return got, digest.hexdigest()
-                    got += len(chunk)
-                    digest.update(chunk)
-                    await asyncio.sleep(0.02)        # pacing the reader, not synchronising
-
-            async def sampler():
-                nonlocal peak
-                while True:
-                    peak = max(peak, splice.buffered_a_to_b)
-                    await asyncio.sleep(0.005)
 
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
-            sampling = asyncio.ensure_future(sampler())
-            sent, (got, digest) = await asyncio.gather(send_random(a, total, seed=9),
-                                                       slow_reader())
-            sampling.cancel()
+            async with peak_of(lambda: splice.buffered_a_to_b) as peak:
+                sent, (got, digest) = await asyncio.gather(
+                    send_random(a, total, seed=9), receive_all(b, size=512 * 1024, pause=0.02))
             traced_peak = tracemalloc.get_traced_memory()[1] - base
             tracemalloc.stop()
             a.close()
             b.close()
             assert (got, digest) == (total, sent)
-            assert 0 < peak <= 4 * MiB, peak
+            assert 0 < peak.value <= 4 * MiB, peak.value
             # the relay's buffer plus the test's own 1 MiB blocks and 512 KiB reads
             assert traced_peak <= 4 * MiB + 6 * MiB, traced_peak
 
