@@ -10,6 +10,7 @@ while a real regression still does.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import platform
@@ -41,6 +42,21 @@ def quick() -> bool:
     return os.environ.get("NOPORTS_BENCH_QUICK", "") not in ("", "0")
 
 
+def require_compiled(what: str, *modules: str) -> None:
+    """Skip a suite that measures compiled modules when they are not built, except on CI.
+
+    CI builds them (.ci/run), so there a missing one is a failure, not a reason to skip."""
+    import pytest  # not at the top: bench.report and the suites' child processes import harness
+
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"compiled {what} not built: {exc}")
+        pytest.skip(f"compiled {what} not built: {exc}")
+
+
 def rounds(default: int = 5) -> int:
     return 3 if quick() else default
 
@@ -62,6 +78,12 @@ def interleaved(cases: dict[str, Callable[[], float]],
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The sample at fraction ``q`` (0.99: p99) of the sorted values, no interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def timed_rate(fn: Callable[[], int]) -> float:

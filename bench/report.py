@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bench.harness import RESULTS, TOLERANCE, within_target
@@ -153,6 +153,52 @@ def _runs(rows: list[dict]) -> list[list[dict]]:
     return sorted(runs.values(), key=lambda rs: max(r.get("when", "") for r in rs), reverse=True)
 
 
+def _run_rows(suite: str, rows: list[dict]) -> list[str]:
+    """The first table's rows of one suite: one per benchmark process that measured it."""
+    lines = []
+    for run_rows in _runs(rows):
+        run = run_rows[0].get("run")
+        loads = [e["load_1m"] for e in run_rows if isinstance(e.get("load_1m"), (int, float))]
+        load = (f"{min(loads):.1f}–{max(loads):.1f}" if loads and min(loads) != max(loads)
+                else f"{loads[0]:.1f}" if loads else "–")
+        verdicts = [verdict(e) for e in run_rows]
+        targeted = [v for v in verdicts if v != "–"]
+        fails = sum(v == "**FAIL**" for v in targeted)
+        summary = f"{len(run_rows)}, {len(targeted)} with a target"
+        if targeted:
+            summary += f": {fails} failed" if fails else ": all pass"
+        when = max(e.get("when", "") for e in run_rows)[:16]
+        plane = _cell(run.get("data_plane", "unknown")) if run else "unrecorded"
+        lines.append(f"| {suite} | {when} | {_commit(run)} | {plane} | {_mode(run)} | {load} |"
+                     f" {summary} |")
+    return lines
+
+
+def _figure_rows(suite: str, rows: list[dict]) -> list[str]:
+    """The second table's rows of one suite: one per recorded figure."""
+    lines = []
+    for e in rows:
+        unit = e.get("unit", "")
+        targets = "; ".join(label for label, *_ in _targets(e)) or "–"
+        if e.get("gated"):
+            targets += " (gated)"
+        lines.append(
+            f"| {suite} | {_cell(e['name'])} | {_num(e['ours'])} {_cell(unit)} |"
+            f" {_num(e['baseline'])} {_cell(unit)} ({_cell(e.get('baseline_name', ''))}) |"
+            f" {_ratio(e['ratio'])} | {_cell(targets)} | {verdict(e)} |")
+    return lines
+
+
+def _table(header: str, grouped: dict[str, list[dict]], not_run: str,
+           suite_rows: Callable[[str, list[dict]], list[str]]) -> list[str]:
+    """A seven-column table: ``suite_rows`` of each suite, or ``not_run`` for one with no
+    figures (``{suite}`` in it is the suite's name)."""
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for suite, rows in grouped.items():
+        lines += suite_rows(suite, rows) if rows else [not_run.format(suite=suite)]
+    return lines
+
+
 def render(entries: dict[str, dict], suites: Iterable[str]) -> str:
     """The generated section (without the markers) as Markdown."""
     grouped = _by_suite(entries, suites)
@@ -167,46 +213,12 @@ def render(entries: dict[str, dict], suites: Iterable[str]) -> str:
     lines = [
         textwrap.fill(legend, width=100, break_on_hyphens=False, break_long_words=False),
         "",
-        "| suite | measured | commit | data plane | mode | load (1 min) | figures |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for suite, rows in grouped.items():
-        if not rows:
-            lines.append(f"| {suite} | **not run** | – | – | – | – | – |")
-            continue
-        for run_rows in _runs(rows):
-            run = run_rows[0].get("run")
-            loads = [e["load_1m"] for e in run_rows if isinstance(e.get("load_1m"), (int, float))]
-            load = (f"{min(loads):.1f}–{max(loads):.1f}" if loads and min(loads) != max(loads)
-                    else f"{loads[0]:.1f}" if loads else "–")
-            verdicts = [verdict(e) for e in run_rows]
-            targeted = [v for v in verdicts if v != "–"]
-            fails = sum(v == "**FAIL**" for v in targeted)
-            summary = f"{len(run_rows)}, {len(targeted)} with a target"
-            if targeted:
-                summary += f": {fails} failed" if fails else ": all pass"
-            when = max(e.get("when", "") for e in run_rows)[:16]
-            plane = _cell(run.get("data_plane", "unknown")) if run else "unrecorded"
-            lines.append(f"| {suite} | {when} | {_commit(run)} | {plane} | {_mode(run)} | {load} |"
-                         f" {summary} |")
-    lines += [
+        *_table("| suite | measured | commit | data plane | mode | load (1 min) | figures |",
+                grouped, "| {suite} | **not run** | – | – | – | – | – |", _run_rows),
         "",
-        "| suite | figure | ours | baseline | ratio | target | result |",
-        "|---|---|---|---|---|---|---|",
+        *_table("| suite | figure | ours | baseline | ratio | target | result |",
+                grouped, "| {suite} | – | not run | – | – | – | – |", _figure_rows),
     ]
-    for suite, rows in grouped.items():
-        if not rows:
-            lines.append(f"| {suite} | – | not run | – | – | – | – |")
-            continue
-        for e in rows:
-            unit = e.get("unit", "")
-            targets = "; ".join(label for label, *_ in _targets(e)) or "–"
-            if e.get("gated"):
-                targets += " (gated)"
-            lines.append(
-                f"| {suite} | {_cell(e['name'])} | {_num(e['ours'])} {_cell(unit)} |"
-                f" {_num(e['baseline'])} {_cell(unit)} ({_cell(e.get('baseline_name', ''))}) |"
-                f" {_ratio(e['ratio'])} | {_cell(targets)} | {verdict(e)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import harness
+from bench import harness, plumbing
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "e2e"
@@ -96,23 +95,6 @@ def _env(impl: str | None = None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _wait_listening(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on {port}")
-        time.sleep(0.01)
-
-
 def _cpu(proc: psutil.Process, reaped_children: bool = False) -> float:
     """User + system seconds of ``proc`` and its live descendants (plus, for a forking
     server, the children it has already reaped)."""
@@ -124,11 +106,6 @@ def _cpu(proc: psutil.Process, reaped_children: bool = False) -> float:
             if reaped_children and p is proc:
                 total += t.children_user + t.children_system
     return total
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _exited(pid: int, timeout: float) -> bool:
@@ -204,11 +181,11 @@ class Stack:
         self.sink: subprocess.Popen | None = None
         self.atserver = AtServerProcess(base, ATSIGNS, keys=True).start()
         try:
-            self.sink_port = _free_port()
+            self.sink_port = plumbing.free_port()
             self.sink = subprocess.Popen(["iperf3", "-s", "-p", str(self.sink_port)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          stdin=subprocess.DEVNULL)
-            _wait_listening(self.sink_port)
+            plumbing.wait_connectable(self.sink_port)
             self.srvd: dict[str, LoggedProcess] = {}
             self.npd: dict[str, LoggedProcess] = {}
             for impl in IMPLS:
@@ -320,13 +297,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    try:
-        import noports._speedups.relaypump
-        import noports._speedups.tunnelpump  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"compiled pumps not built: {exc}")
-        pytest.skip(f"compiled pumps not built: {exc}")
+    harness.require_compiled("pumps", "noports._speedups.relaypump",
+                             "noports._speedups.tunnelpump")
     s = Stack(tmp_path_factory.mktemp("bench-e2e"))
     yield s
     s.close()
@@ -340,14 +312,14 @@ def test_e2e_throughput_vs_socat_chain(benchmark, stack):
     cpu: dict[str, list[list[float]]] = {}   # case -> samples -> per process
     load0 = os.getloadavg()     # other work on the machine blurs absolute figures: say so
     try:
-        hop_ports = [_free_port() for _ in range(3)]
+        hop_ports = [plumbing.free_port() for _ in range(3)]
         for listen, target in zip(hop_ports, [*hop_ports[1:], stack.sink_port], strict=True):
             socats.append(subprocess.Popen(
                 ["socat", "-b", "131072", f"TCP-LISTEN:{listen},bind={HOST},reuseaddr,fork",
                  f"TCP:{HOST}:{target}"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in hop_ports:
-            _wait_listening(port)
+            plumbing.wait_connectable(port)
         socat_ps = [psutil.Process(p.pid) for p in socats]
 
         tunnel_ports: dict[str, int] = {}
@@ -481,7 +453,7 @@ def test_e2e_setup_time(benchmark, stack):
             _stop_pid(pid)
 
     p50 = {k: harness.median(v) * 1000 for k, v in samples.items()}
-    p90 = {k: _percentile(v, 0.9) * 1000 for k, v in samples.items()}
+    p90 = {k: harness.percentile(v, 0.9) * 1000 for k, v in samples.items()}
     extra = {"runs": SETUP_RUNS, "loadavg_before_after": [load0, os.getloadavg()],
              "target_ms": SETUP_TARGET_S * 1000,
              "samples_ms": {k: [round(x * 1000, 1) for x in v] for k, v in samples.items()},

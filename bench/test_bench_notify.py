@@ -31,6 +31,7 @@ import psutil
 import pytest
 
 from bench import harness
+from bench.plumbing import cpu_seconds
 from noports.at.client import AtClient
 from tests.functional.conftest import AtServerProcess
 
@@ -48,11 +49,6 @@ WINDOW = 64          # notifications in flight per sender connection
 def _sizes() -> tuple[int, int]:
     """(latency samples per round, notifications per rate round)."""
     return (100, 2000) if harness.quick() else (400, 8000)
-
-
-def _cpu(proc) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -201,15 +197,15 @@ def test_notify_latency_and_rate(server, loop, benchmark):
                 tasks.append(asyncio.ensure_future(one()))
             await asyncio.gather(*tasks)
 
-        c0, s0 = _cpu(me), _cpu(server_ps)
+        c0, s0 = cpu_seconds(me), cpu_seconds(server_ps)
         t0 = time.perf_counter()
         rx = asyncio.ensure_future(receive())
         await asyncio.gather(*(send(c) for c in senders))
         await asyncio.wait_for(done, 60)
         await rx
         rate = total / (time.perf_counter() - t0)
-        cpu["client"] += _cpu(me) - c0
-        cpu["server"] += _cpu(server_ps) - s0
+        cpu["client"] += cpu_seconds(me) - c0
+        cpu["server"] += cpu_seconds(server_ps) - s0
         cpu["n"] += total
         return rate
 

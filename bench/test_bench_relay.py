@@ -2,8 +2,8 @@
 
 Each round moves one stream of 1 GiB (256 MiB under NOPORTS_BENCH_QUICK) from a source process
 to a sink process, through:
-- our relay: a RelaySession in its own process (``python -m bench.test_bench_relay serve``), on
-  uvloop and on stock asyncio, a fresh session (two ports, two auth lines) per round;
+- our relay: a RelaySession in its own process (``python -m bench.session_server``), on uvloop
+  and on stock asyncio, a fresh session (two ports, two auth lines) per round;
 - socat -b 131072 TCP-LISTEN:<p>,reuseaddr TCP:127.0.0.1:<sink port>, a fresh socat per round.
 The source writes 256 KiB blocks with blocking sendall and half-closes; the sink reads into a
 reused 256 KiB buffer until EOF.  Rate = bytes / (sink's EOF time - source's first send time),
@@ -13,20 +13,17 @@ No gate yet (issue 5 sets the target); the ratios are recorded.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from bench import harness
+from bench import harness, plumbing
+from bench.session_server import open_session
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM = (256 if harness.quick() else 1024) * 1024 * 1024
@@ -96,88 +93,41 @@ def _stream(src_port: int, src_first: bytes, sink: subprocess.Popen) -> tuple[fl
 
 # --- our relay, in its own process ----------------------------------------------------------
 
-def serve(loop_kind: str) -> None:
-    """Child process: a RelaySessions on 127.0.0.1; one JSON command per stdin line."""
-    from noports.at.crypto import public_key_from_b64
-    from noports.relay import DataPlaneConfig, RelaySessions
-    from noports.relay.messages import parse_request_ports
-
-    async def main() -> None:
-        registry = RelaySessions(DataPlaneConfig(bind_host="127.0.0.1", pairing_timeout=120.0))
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            cmd = json.loads(line)
-            session = await registry.open(parse_request_ports(cmd["request"]),
-                                          public_key_a=public_key_from_b64(cmd["pub_a"]),
-                                          public_key_b=public_key_from_b64(cmd["pub_b"]))
-            print(json.dumps({"port_a": session.port_a, "port_b": session.port_b,
-                              "nonce": session.rvd_nonce}), flush=True)
-        await registry.close()
-
-    if loop_kind == "uvloop":
-        import uvloop
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    loop.run_until_complete(main())
-
-
 class OurRelay:
+    """bench/session_server.py with the pure pump, on ``loop_kind``: one session per round."""
+
     def __init__(self, loop_kind: str) -> None:
         from noports.at.atkeys import AtKeys
         self.keys_a, self.keys_b = AtKeys.generate("@bench_a"), AtKeys.generate("@bench_b")
         env = dict(os.environ, NOPORTS_NO_EXTENSIONS="1")     # the pure pump, always
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.test_bench_relay", "serve",
-                                      loop_kind], cwd=REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.session_server", "--loop",
+                                      loop_kind, "--pairing-timeout", "120"], cwd=REPO, env=env,
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         import psutil
         self.ps = psutil.Process(self.proc.pid)
 
-    def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
     def round(self) -> tuple[float, int, float]:
-        from noports.relay.messages import encode_auth_line
-        sid, cnonce = str(uuid.uuid4()), time.strftime("%Y-%m-%dT%H:%M:%S.000000")
-        request = json.dumps({"sessionId": sid, "atSignA": "@bench_a", "atSignB": "@bench_b",
-                              "authenticateSocketA": True, "authenticateSocketB": True,
-                              "clientNonce": cnonce})
-        self.proc.stdin.write(json.dumps({"request": request,
-                                          "pub_a": self.keys_a.encrypt_public_b64,
-                                          "pub_b": self.keys_b.encrypt_public_b64}) + "\n")
-        self.proc.stdin.flush()
-        reply = json.loads(self.proc.stdout.readline())
-        line_a = encode_auth_line(sid, cnonce, reply["nonce"], self.keys_a.encrypt_private)
-        line_b = encode_auth_line(sid, cnonce, reply["nonce"], self.keys_b.encrypt_private)
+        reply, line_a, line_b = open_session(self.proc, self.keys_a, self.keys_b,
+                                             time.strftime("%Y-%m-%dT%H:%M:%S.000000"))
         sink = _py(SINK, "connect", "127.0.0.1", reply["port_b"], line_b.hex())
         assert sink.stdout.readline().strip() == "connected"
-        cpu0 = self.cpu()
+        cpu0 = plumbing.cpu_seconds(self.ps)
         seconds, total = _stream(reply["port_a"], line_a, sink)
-        return seconds, total, self.cpu() - cpu0
+        return seconds, total, plumbing.cpu_seconds(self.ps) - cpu0
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        plumbing.stop(self.proc)
 
 
 def socat_round() -> tuple[float, int, float]:
     sink = _py(SINK, "listen", "127.0.0.1", 0, "-")
     sink_port = int(sink.stdout.readline())
-    with socket.socket() as probe:       # a free port for socat to listen on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = plumbing.free_port()
     socat = subprocess.Popen(["socat", "-b", "131072",
                               f"TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1",
                               f"TCP:127.0.0.1:{sink_port}"])
     try:
-        _wait_listening(port)
+        plumbing.wait_listening(port)
         seconds, total = _stream(port, b"", sink)
         _pid, _status, usage = os.wait4(socat.pid, 0)   # socat exits after its one connection
         socat.returncode = 0
@@ -186,18 +136,6 @@ def socat_round() -> tuple[float, int, float]:
             socat.kill()
             socat.wait()
     return seconds, total, usage.ru_utime + usage.ru_stime
-
-
-def _wait_listening(port: int) -> None:
-    """Poll the kernel's table of listening sockets (no connection is made)."""
-    needle = f":{port:04X} "
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as table:
-            if any(needle in line and line.split()[3] == "0A" for line in table):
-                return
-        time.sleep(0.005)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 @pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed (apt socat)")
@@ -232,7 +170,3 @@ def test_one_stream_pure_relay_vs_socat(benchmark):
                    "samples_baseline": samples["socat -b 131072"],
                    "relay_cpu_s_per_GB": harness.median(cpu[name]),
                    "socat_cpu_s_per_GB": harness.median(cpu["socat -b 131072"])}), benchmark)
-
-
-if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "serve":
-    serve(sys.argv[2])

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import harness
+from bench import harness, plumbing
 from noports.relay.messages import encode_auth_line
 from tests.functional.conftest import AtServerProcess
 from tests.functional.srvd_helpers import RelayUser
@@ -54,7 +53,6 @@ from tests.functional.srvd_workers_helpers import WorkersSrvd
 SUITE = "srvd"
 HERE = Path(__file__).resolve().parent
 SECONDS = 2 if harness.quick() else 5
-PING = 64
 FLAGS = ("--allow-unauthenticated", "--pairing-timeout", "30", "--pending-quota", "10000",
          "--drain-grace", "0")
 #: name -> (relay atSign, environment, workers)
@@ -96,30 +94,7 @@ class _Forwarder:
         return json.loads(line)
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, timeout: float = 10.0) -> None:
-    """Poll the kernel's table of listening sockets (no connection is made)."""
-    needle = f":{port:04X} "
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as table:
-            if any(needle in line and line.split()[3] == "0A" for line in table):
-                return
-        time.sleep(0.005)
-    raise TimeoutError(f"nothing listens on {port}")
+        plumbing.stop(self.proc)
 
 
 def _cpu(procs: list[psutil.Process]) -> float:
@@ -135,11 +110,11 @@ class _Iperf:
     """One iperf3 server (``-1``) and the client runs against it."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = plumbing.free_port()
         self.server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p",
                                         str(self.port)], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
-        _wait_listening(self.port)
+        plumbing.wait_listening(self.port)
 
     @staticmethod
     def client(port: int, streams: int) -> subprocess.Popen:
@@ -252,11 +227,11 @@ def socat_run(bench: Bench, streams: int) -> tuple[float, float]:
     socat = None
     try:
         fport = bench.fwd.cmd(op="listen", target=server.port)["port"]
-        port = _free_port()
+        port = plumbing.free_port()
         socat = subprocess.Popen(["socat", "-b", "131072",
                                   f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                                   f"TCP:127.0.0.1:{fport}"], stderr=subprocess.DEVNULL)
-        _wait_listening(port)
+        plumbing.wait_listening(port)
         parent = psutil.Process(socat.pid)
         cpu0 = _cpu([parent])
         client = _Iperf.client(port, streams)
@@ -354,88 +329,27 @@ def test_throughput_cpu_and_workers(benchmark, bench):
     harness.gate(gated)
 
 
-def _far_end(script: str, sock: socket.socket, *args) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", script, str(sock.fileno()), *map(str, args)],
-                            pass_fds=[sock.fileno()])
-    sock.close()
-    return proc
-
-
-_ECHO = """
-import socket, sys
-sock = socket.socket(fileno=int(sys.argv[1]))
-sock.setblocking(True)
-size = int(sys.argv[2])
-while True:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            sys.exit(0)
-        data += chunk
-    sock.sendall(data)
-"""
-
-
-def _connect(port: int, first: bytes = b"", retry: float = 0.0) -> socket.socket:
-    deadline = time.monotonic() + retry
-    while True:
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.002)      # socat opens its second listener after the first accept
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if first:
-        sock.sendall(first)
-    return sock
-
-
-def _pingpong(a: socket.socket, b: socket.socket, n: int) -> list[float]:
-    echo = _far_end(_ECHO, b, PING)
-    msg = b"p" * PING
-    rtts = []
-    try:
-        for i in range(n + 200):          # the first 200 warm up (and wait for the pairing)
-            t0 = time.perf_counter_ns()
-            a.sendall(msg)
-            got = b""
-            while len(got) < PING:
-                chunk = a.recv(PING - len(got))
-                assert chunk, "the relay closed the ping-pong pair"
-                got += chunk
-            if i >= 200:
-                rtts.append((time.perf_counter_ns() - t0) / 1000)
-    finally:
-        a.close()
-        echo.wait(10)
-    return rtts
-
-
 def test_pingpong_64_bytes(benchmark, bench):
     n = 2000 if harness.quick() else 5000
 
     def srvd(name):
         def one() -> float:
             body, reply = bench.session(name, auth_a=True)
-            a = _connect(reply.port_a, bench.line(body, reply, bench.client_keys))
-            b = _connect(reply.port_b, bench.line(body, reply, bench.daemon_keys))
-            return statistics.median(_pingpong(a, b, n))
+            a = plumbing.connect(reply.port_a, bench.line(body, reply, bench.client_keys))
+            b = plumbing.connect(reply.port_b, bench.line(body, reply, bench.daemon_keys))
+            return statistics.median(plumbing.pingpong(a, b, n))
         return one
 
     def socat() -> float:
-        pa, pb = _free_port(), _free_port()
+        pa, pb = plumbing.free_port(), plumbing.free_port()
         proc = subprocess.Popen(["socat", "-b", "131072",
                                  f"TCP-LISTEN:{pa},bind=127.0.0.1,reuseaddr,nodelay",
                                  f"TCP-LISTEN:{pb},bind=127.0.0.1,reuseaddr,nodelay"],
                                 stderr=subprocess.DEVNULL)
         try:
-            a = _connect(pa, retry=10)
-            b = _connect(pb, retry=10)
-            return statistics.median(_pingpong(a, b, n))
+            a = plumbing.connect(pa, retry=10)
+            b = plumbing.connect(pb, retry=10)
+            return statistics.median(plumbing.pingpong(a, b, n))
         finally:
             proc.kill()
             proc.wait(10)

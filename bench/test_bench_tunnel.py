@@ -2,9 +2,10 @@
 
 iperf3 is the source and the sink (one TCP stream, ``-t`` seconds per sample).  The paths:
 - **tunnel, encrypted**: iperf3 -c -> ClientEnd -> relay -> DaemonEnd -> iperf3 -s, each of the
-  three in its own process (``python -m bench.test_bench_tunnel client|relay|daemon``) on uvloop,
-  AES-256-CTR at both ends with a fresh per-connection key, the relay a real RelaySession with
-  auth lines and the *pure* relay pump (NOPORTS_NO_EXTENSIONS=1 in its process);
+  three in its own process on uvloop (``python -m bench.test_bench_tunnel client|daemon``, the
+  relay ``python -m bench.session_server``), AES-256-CTR at both ends with a fresh
+  per-connection key, the relay a real RelaySession with auth lines and the *pure* relay pump
+  (NOPORTS_NO_EXTENSIONS=1 in its process);
 - **tunnel, no encryption**: the same processes with ``connect:no:encrypt`` (the cipher's cost);
 - **socat chain**: three ``socat -b 131072`` hops, the same number of hops, no encryption;
 - **direct**: iperf3 -c straight to iperf3 -s.
@@ -22,16 +23,15 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from bench import harness
+from bench import harness, plumbing
+from bench.session_server import open_session
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "tunnel"
@@ -39,14 +39,6 @@ SECONDS = 1 if harness.quick() else 3
 
 
 # --- role processes ------------------------------------------------------------------------------
-
-def _loop():
-    try:
-        import uvloop
-        return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-
 
 async def _until_stdin_closes() -> None:
     loop = asyncio.get_running_loop()
@@ -59,29 +51,6 @@ async def _until_stdin_closes() -> None:
     loop.add_reader(sys.stdin.fileno(), readable)
     await done
     loop.remove_reader(sys.stdin.fileno())
-
-
-def role_relay() -> None:
-    """One RelaySession on 127.0.0.1 per stdin line ``{"request", "pub_a", "pub_b"}``."""
-    from noports.at.crypto import public_key_from_b64
-    from noports.relay import DataPlaneConfig, RelaySessions
-    from noports.relay.messages import parse_request_ports
-
-    async def main() -> None:
-        registry = RelaySessions(DataPlaneConfig(bind_host="127.0.0.1", pairing_timeout=600.0))
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            cmd = json.loads(line)
-            session = await registry.open(parse_request_ports(cmd["request"]),
-                                          public_key_a=public_key_from_b64(cmd["pub_a"]),
-                                          public_key_b=public_key_from_b64(cmd["pub_b"]))
-            print(json.dumps({"port_a": session.port_a, "port_b": session.port_b,
-                              "nonce": session.rvd_nonce}), flush=True)
-        await registry.close()
-
-    _loop().run_until_complete(main())
 
 
 def role_end(kind: str, relay_port: int, target_port: int) -> None:
@@ -109,45 +78,23 @@ def role_end(kind: str, relay_port: int, target_port: int) -> None:
                            return_when=asyncio.FIRST_COMPLETED)
         await end.close()
 
-    _loop().run_until_complete(main())
+    plumbing.run_loop(main())
 
 
 # --- the parent's side ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_listening(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def _role(*args: str, env: dict | None = None) -> subprocess.Popen:
+def _child(module: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m module args`` from the repository, text pipes on stdin and stdout."""
     full = dict(os.environ)
     full["PYTHONPATH"] = str(REPO) + os.pathsep + full.get("PYTHONPATH", "")
     full.update(env or {})
-    return subprocess.Popen([sys.executable, "-m", "bench.test_bench_tunnel", *args],
+    return subprocess.Popen([sys.executable, "-m", module, *args],
                             cwd=str(REPO), env=full, text=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            proc.wait(10)
-        except (subprocess.TimeoutExpired, BrokenPipeError):
-            proc.kill()
-            proc.wait(10)
+def _role(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return _child("bench.test_bench_tunnel", *args, env=env)
 
 
 class Tunnel:
@@ -156,19 +103,9 @@ class Tunnel:
     def __init__(self, relay: subprocess.Popen, keys_a, keys_b, target_port: int,
                  encrypted: bool, impl: str) -> None:
         from noports.at.crypto import generate_aes_key_b64, generate_iv_b64
-        from noports.relay.messages import encode_auth_line
 
         self.procs: list[subprocess.Popen] = []
-        sid, nonce = str(uuid.uuid4()), "2024-06-18T09:48:41.331275"
-        request = json.dumps({"sessionId": sid, "atSignA": keys_a.atsign,
-                              "atSignB": keys_b.atsign, "authenticateSocketA": True,
-                              "authenticateSocketB": True, "clientNonce": nonce})
-        relay.stdin.write(json.dumps({"request": request, "pub_a": keys_a.encrypt_public_b64,
-                                      "pub_b": keys_b.encrypt_public_b64}) + "\n")
-        relay.stdin.flush()
-        ports = json.loads(relay.stdout.readline())
-        line_a = encode_auth_line(sid, nonce, ports["nonce"], keys_a.encrypt_private)
-        line_b = encode_auth_line(sid, nonce, ports["nonce"], keys_b.encrypt_private)
+        ports, line_a, line_b = open_session(relay, keys_a, keys_b, "2024-06-18T09:48:41.331275")
         key, iv = (generate_aes_key_b64(), generate_iv_b64()) if encrypted else ("", "")
         env = {"NP_BENCH_KEY": key, "NP_BENCH_IV": iv}
         if impl == "pure":
@@ -187,15 +124,11 @@ class Tunnel:
 
     def cpu_seconds(self) -> float:
         import psutil
-        total = 0.0
-        for proc in self.procs:
-            times = psutil.Process(proc.pid).cpu_times()
-            total += times.user + times.system
-        return total
+        return sum(plumbing.cpu_seconds(psutil.Process(proc.pid)) for proc in self.procs)
 
     def close(self) -> None:
         for proc in self.procs:
-            _stop(proc)
+            plumbing.stop(proc)
 
 
 def _iperf(port: int) -> float:
@@ -236,12 +169,12 @@ def test_tunnel_throughput_vs_socat_chain(benchmark):
     tunnels: dict[str, Tunnel] = {}
     cpu: dict[str, list[float]] = {}
     try:
-        sink_port = _free_port()
+        sink_port = plumbing.free_port()
         procs.append(subprocess.Popen(["iperf3", "-s", "-p", str(sink_port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_listening(sink_port)
+        plumbing.wait_connectable(sink_port)
         # three socat hops in front of the sink
-        hop_ports = [_free_port() for _ in range(3)]
+        hop_ports = [plumbing.free_port() for _ in range(3)]
         targets = [*hop_ports[1:], sink_port]
         for listen, target in zip(hop_ports, targets, strict=True):
             procs.append(subprocess.Popen(
@@ -249,8 +182,9 @@ def test_tunnel_throughput_vs_socat_chain(benchmark):
                  f"TCP:127.0.0.1:{target}"], stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL))
         for port in hop_ports:
-            _wait_listening(port)
-        relay = _role("relay", env={"NOPORTS_NO_EXTENSIONS": "1"})
+            plumbing.wait_connectable(port)
+        relay = _child("bench.session_server", "--pairing-timeout", "600",
+                       env={"NOPORTS_NO_EXTENSIONS": "1"})
         procs.append(relay)
         for impl in _implementations():
             tunnels[f"tunnel encrypted ({impl})"] = Tunnel(relay, keys_a, keys_b, sink_port,
@@ -279,7 +213,7 @@ def test_tunnel_throughput_vs_socat_chain(benchmark):
             tunnel.close()
         for proc in reversed(procs):
             if proc.stdin is not None:
-                _stop(proc)
+                plumbing.stop(proc)
             else:
                 proc.terminate()
                 try:
@@ -313,9 +247,7 @@ def test_tunnel_throughput_vs_socat_chain(benchmark):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "relay":
-        role_relay()
-    elif sys.argv[1] in ("client", "daemon"):
+    if sys.argv[1] in ("client", "daemon"):
         role_end(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     else:
         raise SystemExit(f"unknown role {sys.argv[1]!r}")
