@@ -25,21 +25,20 @@ import weakref
 from collections.abc import Callable
 
 from noports.at.atkeys import AtKeys
-from noports.at.commands import (
+from noports.at.command_types import (
     Cram,
     Delete,
     From,
     LLookup,
     Lookup,
-    Metadata,
     Notify,
     NotifyStatus,
     Pkam,
     PLookup,
     Scan,
     Update,
-    encode_command,
 )
+from noports.at.commands import encode_command
 from noports.at.connection import (
     AtConnection,
     AtConnectionError,
@@ -55,6 +54,7 @@ from noports.at.crypto import (
     pkam_sign,
     sign,
 )
+from noports.at.metadata import Metadata
 from noports.at.monitor import AtNotification, Monitor, notification_from_json
 from noports.at.names import AtKey, normalize_atsign
 from noports.at.root import DEFAULT_ROOT, AtSignNotFoundError, RootClient, parse_root_address
@@ -261,7 +261,7 @@ class AtClient:
     # ---- raw commands -----------------------------------------------------------------------
 
     async def execute(self, command, timeout: float | None = None) -> str:
-        """Send one command (a ``noports.at.commands`` object or a raw line); return the
+        """Send one command (a ``noports.at.command_types`` object or a raw line); return the
         ``data:`` payload.  AtServerError for ``error:`` replies."""
         line = command if isinstance(command, str) else encode_command(command)
         conn = self._conn

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from noports.at.commands import Monitor as MonitorCommand
+from noports.at.command_types import Monitor as MonitorCommand
 from noports.at.commands import encode_command
 from noports.at.connection import AtConnection, AtConnectionError, AtTimeoutError
 from noports.errors import AtServerError, NoPortsError

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from noports.at.commands import Metadata
 from noports.at.crypto import (
     generate_aes_key_b64,
     public_key_from_b64,
@@ -29,6 +28,7 @@ from noports.at.crypto import (
     unwrap_shared_key,
     wrap_shared_key,
 )
+from noports.at.metadata import Metadata
 from noports.at.names import AtKey, bare_atsign, normalize_atsign
 from noports.at.valuecipher import ValueCipher
 from noports.errors import AtServerError

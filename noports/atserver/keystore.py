@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from noports.at.commands import Metadata as _Metadata
+from noports.at.metadata import Metadata as _Metadata
 from noports.atserver.store import KeyRecord, Store
 
 __all__ = [
@@ -55,7 +55,7 @@ class Reply:
     silent: bool = False
 
 
-# (attribute on noports.at.commands.Metadata, wire/JSON name), in the Dart grammar order.
+# (attribute on noports.at.metadata.Metadata, wire/JSON name), in the Dart grammar order.
 META_FIELDS: tuple[tuple[str, str], ...] = (
     ("ttl", "ttl"), ("ttb", "ttb"), ("ttr", "ttr"), ("ccd", "ccd"),
     ("data_signature", "dataSignature"), ("shared_key_status", "sharedKeyStatus"),

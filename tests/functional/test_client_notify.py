@@ -8,9 +8,9 @@ import pytest
 
 from noports.at.atkeys import AtKeys
 from noports.at.client import AtClient
-from noports.at.commands import Metadata
 from noports.at.connection import AtConnectionError, AtTlsError
 from noports.at.crypto import encrypt_value, generate_iv_b64, unwrap_shared_key
+from noports.at.metadata import Metadata
 from noports.at.root import AtSignNotFoundError, clear_root_cache
 from noports.errors import AtServerError
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from noports.at.atkeys import AtKeys
 from noports.at.client import AtClient, notify_line
-from noports.at.commands import Metadata, Notify, encode_command, parse_command
+from noports.at.command_types import Notify
+from noports.at.commands import encode_command, parse_command
 from noports.at.crypto import (
     cram_digest,
     encrypt_value,
@@ -23,6 +24,7 @@ from noports.at.crypto import (
     public_key_to_b64,
     wrap_shared_key,
 )
+from noports.at.metadata import Metadata
 from noports.at.names import AtKey
 
 _PRIV = generate_rsa_private_key()

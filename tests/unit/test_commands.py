@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noports.at.commands import (
+from noports.at.command_types import (
     Cram,
     Delete,
     Exit,
@@ -20,7 +20,6 @@ from noports.at.commands import (
     Info,
     LLookup,
     Lookup,
-    Metadata,
     Monitor,
     Noop,
     Notify,
@@ -35,9 +34,9 @@ from noports.at.commands import (
     Stats,
     Update,
     UpdateMeta,
-    encode_command,
-    parse_command,
 )
+from noports.at.commands import encode_command, parse_command
+from noports.at.metadata import Metadata
 from noports.at.names import AtKey
 from noports.errors import AtProtocolError, UnsupportedVerbError
 

@@ -1,7 +1,7 @@
 """The notify fast path, Metadata.encode and the name caches give what the general code gives.
 
-The fast paths in noports.at.commands / noports.at.names (performance work for issue 3) must be
-invisible: for every line, the fast notify parser either declines (None) or returns exactly the
+The fast paths in noports.at.notify_fast / metadata / names (performance work for issue 3) must
+be invisible: for every line, the fast notify parser either declines (None) or returns exactly the
 general parser's command, and parse_command's answer -- command or error, with its code and
 message -- is the general parser's.  Lines are generated around the shape AtClient.notify
 writes, with mutations that leave the fast shape in every direction.
@@ -15,8 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noports.at import commands, names
-from noports.at.commands import Metadata, Notify, encode_command, parse_command
+from noports.at import metadata, names, notify_fast
+from noports.at.command_types import Notify
+from noports.at.commands import encode_command, parse_command
+from noports.at.grammar import parse_notify_general
+from noports.at.metadata import Metadata
 from noports.at.names import AtKey, normalize_atsign
 from noports.errors import AtProtocolError, InvalidAtSignError, InvalidKeyError
 
@@ -25,14 +28,14 @@ _SKE = "Qk9C" * 85 + "QQ=="          # base64, like a real sharedKeyEnc (344 cha
 
 def _general(line: str):
     """parse_command with the notify fast path switched off: (command, None) or (None, err)."""
-    saved = commands._fast_notify
-    commands._fast_notify = lambda rest: None
+    saved = notify_fast._fast_notify
+    notify_fast._fast_notify = lambda rest: None
     try:
         return parse_command(line), None
     except AtProtocolError as exc:
         return None, (type(exc), exc.code, str(exc))
     finally:
-        commands._fast_notify = saved
+        notify_fast._fast_notify = saved
 
 
 def _actual(line: str):
@@ -47,7 +50,7 @@ def _same(line: str) -> None:
     assert got == want, line
     if got[0] is not None:
         assert got[0].metadata == want[0].metadata
-        fast = commands._fast_notify(line.strip()[6:]) if line.strip().startswith(
+        fast = notify_fast._fast_notify(line.strip()[6:]) if line.strip().startswith(
             "notify:id:") else None
         if fast is not None:
             assert fast == want[0]
@@ -107,9 +110,9 @@ def test_client_lines_take_the_fast_path(ttln, ttl, ttr, ccd, entity, to, op, va
         value = "x" + value.strip() + "x"           # the line is stripped as a whole
     cmd = Notify(key, value, id=str(uuid.uuid4()), operation=op, ttln=ttln, metadata=md)
     line = encode_command(cmd)
-    fast = commands._fast_notify(line[6:])
+    fast = notify_fast._fast_notify(line[6:])
     assert fast is not None, line
-    assert fast == cmd == commands._parse_notify_general(line[6:])
+    assert fast == cmd == parse_notify_general(line[6:])
     _same(line)
 
 
@@ -137,7 +140,7 @@ def test_fast_path_errors_come_from_the_general_parser():
     with pytest.raises(AtProtocolError) as fast:
         parse_command("notify:id:1:update:isEncrypted:true:isEncrypted:true:@bob:x@alice:v")
     with pytest.raises(AtProtocolError) as general:
-        commands._parse_notify_general(
+        parse_notify_general(
             ":id:1:update:isEncrypted:true:isEncrypted:true:@bob:x@alice:v")
     assert str(fast.value) == str(general.value) and "twice" in str(fast.value)
 
@@ -146,7 +149,7 @@ def test_fast_path_errors_come_from_the_general_parser():
 
 def _reference_encode(md: Metadata) -> str:
     parts = []
-    for attr, wire, kind in commands._META_FIELDS:
+    for attr, wire, kind in metadata.META_FIELDS:
         value = getattr(md, attr)
         if value is None:
             continue
