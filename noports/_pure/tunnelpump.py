@@ -8,6 +8,8 @@ relay are decrypted on their way to the plain socket; either cipher may be None 
 encrypt``).  Same semantics as the relay's pump (``noports/_pure/relaypump.py``): FIN passed on as
 FIN (half-close), a reset or a full close on one side closing the other, back-pressure with at
 most ``max_buffer`` bytes buffered per direction, byte counts.  It never parses what it carries.
+That lifecycle is the two pumps' shared core (``noports/_pure/pumpcore.py``); here is only how a
+half reads into its pooled buffers and puts them through its cipher.
 
 API kept by the compiled twin (``_speedups/tunnelpump.pyx``, AES-CTR on its own buffers, with
 VAES or OpenSSL EVP):
@@ -28,19 +30,18 @@ Design (measured reasons in shared/spec/performance-notes.md):
 - Read size adapts: 16 KiB to start (an idle interactive connection holds little memory), x4
   after a read that filled the buffer, up to 256 KiB (what both loops read per recv); back to
   16 KiB after 64 small reads in a row.
-- Per direction, the destination transport's write buffer is the only queue; its high-water mark
-  is ``max_buffer`` minus one read, so a direction never holds more than ``max_buffer`` bytes.
-- uvloop starts reading before ``connect_accepted_socket`` returns and before the other side's
-  transport exists: each half parks what it reads (as views, in order) until both are live.
+- Before both halves are live each parks one read (a view, which keeps its buffer out of the
+  pool) and pauses; the core puts parked views through the cipher when the pair goes live.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from dataclasses import dataclass
+from operator import attrgetter
 
+from noports._pure.pumpcore import MAX_BUFFER, READ_SIZE, HalfCore, SpliceCore
 from noports.at.stream import CtrStream
 
 __all__ = [
@@ -53,10 +54,6 @@ __all__ = [
     "splice_encrypted",
 ]
 
-#: Bytes buffered per direction at most (Atsign's socket_connector 2.6.0 uses 4 MiB too).
-MAX_BUFFER = 4 * 1024 * 1024
-#: Largest single read (asyncio's and uvloop's own transports read 256 KiB).
-READ_SIZE = 256 * 1024
 #: First read size of a direction; an idle connection costs two of these.
 MIN_READ_SIZE = 16 * 1024
 _GROW = 4
@@ -102,24 +99,16 @@ def _viewed(buf: bytearray) -> bool:
     return False
 
 
-class _Half(asyncio.BufferedProtocol):
+class _Half(HalfCore, asyncio.BufferedProtocol):
     """One socket of the pair; what it reads is put through ``cipher`` and goes to ``peer``."""
 
+    #: before the pair is live one read is enough: park it and wait
+    park_limit = 1
+
     def __init__(self, pump: TunnelSplice, name: str, cipher, head: bytes) -> None:
-        self.pump = pump
-        self.name = name
+        # parked: views (they keep their buffers out of the pool)
+        super().__init__(pump, name, [memoryview(bytearray(head))] if head else [], len(head))
         self.cipher = cipher
-        self.peer: _Half | None = None
-        self.transport: asyncio.Transport | None = None
-        # read before the pair was live: views (they keep their buffers out of the pool)
-        self.parked: list[memoryview] = [memoryview(bytearray(head))] if head else []
-        self.parked_len = len(head)
-        self.forwarded = 0
-        self.got_eof = False
-        self.eof_passed = False
-        self.lost = False
-        self.peer_full = False
-        self.reading_paused = False
         self.size = MIN_READ_SIZE
         self.small_reads = 0
         self.pool: list[bytearray] = []
@@ -141,10 +130,6 @@ class _Half(asyncio.BufferedProtocol):
         return buf   # over the limit: a one-off (only when a transport holds many of ours)
 
     # -- asyncio callbacks --
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.pump._half_ready()
-
     def get_buffer(self, sizehint: int) -> bytearray:
         buf = self.cur
         if buf is None or len(buf) != self.size or _viewed(buf):
@@ -172,60 +157,16 @@ class _Half(asyncio.BufferedProtocol):
             self.forwarded += nbytes
             self.peer.transport.write(view)  # type: ignore[union-attr]
         else:
-            self.parked.append(view)
-            self.parked_len += nbytes
             self.cur = None       # that buffer is ours until flushed: read into another
-            self._update_reading()
-
-    def eof_received(self) -> bool:
-        self.got_eof = True
-        if self.pump.live:
-            self.pump._pass_eof(self)
-        return True   # keep our write side open: the other direction may still be flowing
+            self._park(view)      # (and the core encrypts/decrypts it on the way out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self.pool.clear()
         self.cur = None
-        self.pump._half_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        # our transport's buffer is full: stop reading the socket that feeds it
-        if self.peer is not None:
-            self.peer.peer_full = True
-            self.peer._update_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.peer_full = False
-            self.peer._update_reading()
-
-    # -- helpers --
-    def _update_reading(self) -> None:
-        t = self.transport
-        if t is None or t.is_closing() or self.got_eof:
-            return
-        # before the pair is live one read is enough: park it and wait
-        want_pause = self.peer_full or (not self.pump.live and self.parked_len > 0)
-        if want_pause and not self.reading_paused:
-            self.reading_paused = True
-            t.pause_reading()
-        elif not want_pause and self.reading_paused:
-            self.reading_paused = False
-            t.resume_reading()
-
-    def _flush_parked(self) -> None:
-        parked, self.parked, self.parked_len = self.parked, [], 0
-        out = self.peer.transport  # type: ignore[union-attr]
-        cipher = self.cipher
-        for view in parked:
-            if cipher is not None:
-                cipher.update_into(view, view)
-            self.forwarded += len(view)
-            out.write(view)
+        super().connection_lost(exc)
 
 
-class TunnelSplice:
+class TunnelSplice(SpliceCore[TunnelResult]):
     """A live splice of a plain socket and a relay socket.  Make it with
     :func:`open_splice_encrypted`.
 
@@ -233,120 +174,21 @@ class TunnelSplice:
     TunnelResult once both sockets are closed; ``close()`` aborts both at once.
     """
 
+    _result = TunnelResult
+
     def __init__(self, loop: asyncio.AbstractEventLoop, encrypt, decrypt, head_plain: bytes,
                  head_relay: bytes, max_buffer: int) -> None:
-        if max_buffer < 2 * READ_SIZE:
-            raise ValueError(f"max_buffer must be at least {2 * READ_SIZE} bytes")
-        self.loop = loop
-        self.max_buffer = max_buffer
+        super().__init__(loop, max_buffer)
         self.plain = _Half(self, "plain", encrypt, bytes(head_plain))
         self.relay = _Half(self, "relay", decrypt, bytes(head_relay))
-        self.plain.peer, self.relay.peer = self.relay, self.plain
-        self.live = False
-        self._how: str | None = None
-        self._by: str | None = None
-        self._done: asyncio.Future[TunnelResult] = loop.create_future()
+        self._pair(self.plain, self.relay)
 
-    @property
-    def bytes_plain_to_relay(self) -> int:
-        return self.plain.forwarded
-
-    @property
-    def bytes_relay_to_plain(self) -> int:
-        return self.relay.forwarded
-
-    @property
-    def buffered_plain_to_relay(self) -> int:
-        """Bytes read from the plain socket and not yet handed to the relay socket's kernel."""
-        return self._buffered(self.relay, self.plain)
-
-    @property
-    def buffered_relay_to_plain(self) -> int:
-        return self._buffered(self.plain, self.relay)
-
-    @staticmethod
-    def _buffered(dest: _Half, src: _Half) -> int:
-        t = dest.transport
-        size = t.get_write_buffer_size() if t is not None and not dest.lost else 0
-        return size + src.parked_len
-
-    @property
-    def done(self) -> bool:
-        return self._done.done()
-
-    async def wait(self) -> TunnelResult:
-        return await asyncio.shield(self._done)
-
-    def close(self) -> None:
-        """Abort both sockets now (unsent buffered bytes are dropped)."""
-        self._end("aborted", None)
-        for half in (self.plain, self.relay):
-            if half.transport is not None and not half.lost:
-                half.transport.abort()
-
-    # -- called by the halves --
-    def _half_ready(self) -> None:
-        plain, relay = self.plain, self.relay
-        if plain.transport is None or relay.transport is None or self.live:
-            return
-        if plain.lost or relay.lost:
-            for half in (plain, relay):
-                if not half.lost:
-                    half.transport.abort()  # type: ignore[union-attr]
-            return
-        self.live = True
-        high = self.max_buffer - READ_SIZE
-        for half in (plain, relay):
-            half.transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[union-attr]
-        for half in (plain, relay):
-            half._flush_parked()
-        for half in (plain, relay):
-            if half.got_eof:
-                self._pass_eof(half)
-            else:
-                half._update_reading()
-
-    def _pass_eof(self, half: _Half) -> None:
-        if half.eof_passed:
-            return
-        half.eof_passed = True
-        out = half.peer.transport  # type: ignore[union-attr]
-        if not out.is_closing():
-            out.write_eof()   # asyncio/uvloop send the FIN once that side's buffer has drained
-        if self.plain.eof_passed and self.relay.eof_passed:
-            self._end("eof", None)
-            for h in (self.plain, self.relay):
-                if not h.transport.is_closing():  # type: ignore[union-attr]
-                    h.transport.close()  # type: ignore[union-attr]
-
-    def _half_lost(self, half: _Half, exc: Exception | None) -> None:
-        self._end("closed" if exc is None else "reset", half.name)
-        peer = half.peer
-        t = peer.transport  # type: ignore[union-attr]
-        if t is not None and not peer.lost:
-            if exc is not None or not self.live:
-                t.abort()      # an error on one side: the other gets no more data, close it now
-            elif not t.is_closing():
-                t.close()      # flushes what is buffered for it, then closes
-        self._maybe_finish()
-
-    def _end(self, how: str, by: str | None) -> None:
-        if self._how is None:
-            self._how, self._by = how, by
-
-    def _maybe_finish(self) -> None:
-        if self.plain.lost and self.relay.lost and not self._done.done():
-            self._done.set_result(TunnelResult(self.plain.forwarded, self.relay.forwarded,
-                                               self._how or "closed", self._by))
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setblocking(False)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass   # not TCP (a test's socketpair) or already dead: the transport will find out
+    bytes_plain_to_relay = property(attrgetter("plain.forwarded"))
+    bytes_relay_to_plain = property(attrgetter("relay.forwarded"))
+    buffered_plain_to_relay = property(
+        SpliceCore._buffered_from_first,
+        doc="Bytes read from the plain socket and not yet handed to the relay socket's kernel.")
+    buffered_relay_to_plain = property(SpliceCore._buffered_from_second)
 
 
 async def open_splice_encrypted(loop: asyncio.AbstractEventLoop, plain_sock: socket.socket,
@@ -360,25 +202,7 @@ async def open_splice_encrypted(loop: asyncio.AbstractEventLoop, plain_sock: soc
     from that socket (ciphertext for the relay's): they go through the cipher first.
     """
     pump = TunnelSplice(loop, encrypt, decrypt, head_plain, head_relay, max_buffer)
-    for sock in (plain_sock, relay_sock):
-        _tune(sock)
-    for half, sock in ((pump.plain, plain_sock), (pump.relay, relay_sock)):
-        try:
-            await loop.connect_accepted_socket(lambda h=half: h, sock=sock)
-        except BaseException:
-            # a socket that could not be wrapped (already dead) or a cancellation: tear down
-            # everything; the splice reports a reset by that side and is done at once
-            pump._end("reset", half.name)
-            for h, s in ((pump.plain, plain_sock), (pump.relay, relay_sock)):
-                if h.transport is not None and not h.lost:
-                    h.transport.abort()
-                elif h.transport is None:
-                    s.close()
-                    h.lost = True
-            pump._maybe_finish()
-            if not isinstance(sys.exc_info()[1], Exception):
-                raise
-            break
+    await pump._connect(plain_sock, relay_sock)
     return pump
 
 
@@ -390,8 +214,4 @@ async def splice_encrypted(loop: asyncio.AbstractEventLoop, plain_sock: socket.s
     pump = await open_splice_encrypted(loop, plain_sock, relay_sock, encrypt=encrypt,
                                        decrypt=decrypt, head_plain=head_plain,
                                        head_relay=head_relay, max_buffer=max_buffer)
-    try:
-        return await pump.wait()
-    except asyncio.CancelledError:
-        pump.close()
-        raise
+    return await pump._wait_or_abort()
