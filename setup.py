@@ -39,6 +39,9 @@ def _extensions():
     ]
     return cythonize(
         extensions,
+        # from the project root Cython finds noports/_speedups/pumpcore.pxd, the pumps' shared
+        # base class, under its dotted name (a cimported class is looked up nowhere else)
+        include_path=[str(HERE)],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 

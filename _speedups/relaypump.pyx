@@ -12,7 +12,10 @@ How: the event loop (uvloop or stock asyncio) only reports readiness of the two 
 with kernel ``splice(2)`` socket -> pipe -> socket, so the relay never copies them into user
 space; elsewhere (macOS wheels), or when the kernel refuses a pipe, a direction copies through
 a reused 256 KiB block with ``recv``/``send`` (no Python object per chunk either way).  The
-field layout is in relaypump.pxd; the platform shims in relaypump_sys.h.
+lifecycle and control loop (drain, back-pressure, FIN, fairness, registration, the end) are
+SpliceCore's, shared with the tunnel pump (pumpcore.pyx); here are the relay's steps: splice or
+copy a read (``_fill``), send what waits (``_drain``), and the carrier pools.  The field layout
+is in relaypump.pxd; the platform shims in relaypump_sys.h.
 
 Measured (bench/test_bench_pump.py, one stream on this 2-vCPU box shared with other jobs, so
 ratios from interleaved rounds count, not absolutes): the splice path costs the relay process
@@ -33,28 +36,30 @@ noise: 64-256 KiB pipes, no TCP_NODELAY, blocking splice in a thread per directi
 path (receiver cheaper, relay 2x dearer).
 """
 
-import asyncio
 import os
-import socket
 
 from cpython.bytes cimport PyBytes_AS_STRING
-from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, ENOMEM, errno
+from libc.errno cimport EINTR, EINVAL, EIO, ENOMEM, errno
 from libc.stdlib cimport free, malloc
 from posix.unistd cimport close as c_close
 
+from noports._speedups.pumpcore cimport (
+    SpliceCore,
+    _Half,
+    _init_half,
+    _send_head,
+    _would_block,
+    recv,
+    send,
+)
 from relaypump cimport (
-    EWOULDBLOCK,
     NP_HAVE_SPLICE,
     NP_MSG_NOSIGNAL,
-    SHUT_WR,
     _Dir,
     _State,
     np_pipe_open,
     np_set_errno,
     np_splice,
-    recv,
-    send,
-    shutdown,
 )
 
 # One result type for both implementations: callers may compare or isinstance() them freely.
@@ -214,80 +219,51 @@ def _splice_supported():
     return NP_HAVE_SPLICE != 0
 
 
-cdef inline bint _would_block(int err) noexcept:
-    return err == EAGAIN or err == EWOULDBLOCK
-
-
 cdef inline void _init_dir(_Dir *d, int index) noexcept:
-    d.index = index
-    d.src_fd = -1
-    d.dst_fd = -1
+    _init_half(&d.core, index)
     d.pipe_r = -1
     d.pipe_w = -1
 
 
-def _tune(sock):
-    sock.setblocking(False)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass   # not TCP (a socketpair) or already dead: the first syscall will find out
-
-
-cdef class Splice:
+cdef class Splice(SpliceCore):
     """A live splice of sockets A and B.  Make it with :func:`open_splice`.
 
     ``bytes_a_to_b`` / ``bytes_b_to_a`` count live; ``await wait()`` returns the SpliceResult
-    once both sockets are closed; ``close()`` aborts both at once.
+    once both sockets are closed; ``close()`` aborts both at once.  A is SpliceCore's first
+    socket, B its second.
     """
 
     cdef:
-        _State s                  # every C field: see relaypump.pxd
-        readonly object loop
-        object _sock_a            # owned: kept alive while their fds are in use, closed at end
-        object _sock_b
-        object _head_ab           # bytes objects whose buffers s.ab.head / s.ba.head point into
-        object _head_ba
-        object _done              # asyncio Future -> SpliceResult
-        object _cb_read_a         # bound methods handed to the loop, made once (not per call)
-        object _cb_read_b
-        object _cb_write_a
-        object _cb_write_b
-        object _how               # first event that ended the splice wins...
-        object _by                # ... and the side it came from
+        _State s                  # the relay's C fields: see relaypump.pxd
+        object _head_ab           # bytes objects whose buffers s.ab.core.head / s.ba.core.head
+        object _head_ba           # point into
 
     def __cinit__(self):
         _init_dir(&self.s.ab, 0)
         _init_dir(&self.s.ba, 1)
+        self._dir[0] = &self.s.ab.core
+        self._dir[1] = &self.s.ba.core
 
     def __init__(self, loop, head_a, head_b, max_buffer):
-        if max_buffer < 2 * READ_SIZE:
-            raise ValueError(f"max_buffer must be at least {2 * READ_SIZE} bytes")
-        self.loop = loop
-        self.s.max_buffer = max_buffer
+        self._setup(loop, max_buffer, _MAX_ROUNDS, ("a", "b"), SpliceResult)
         self._head_ab = bytes(head_a)
         self._head_ba = bytes(head_b)
-        self.s.ab.head = PyBytes_AS_STRING(self._head_ab)
-        self.s.ab.head_len = len(self._head_ab)
-        self.s.ab.forwarded = self.s.ab.head_len
-        self.s.ba.head = PyBytes_AS_STRING(self._head_ba)
-        self.s.ba.head_len = len(self._head_ba)
-        self.s.ba.forwarded = self.s.ba.head_len
+        self.s.ab.core.head = PyBytes_AS_STRING(self._head_ab)
+        self.s.ab.core.head_len = len(self._head_ab)
+        self.s.ab.core.forwarded = self.s.ab.core.head_len
+        self.s.ba.core.head = PyBytes_AS_STRING(self._head_ba)
+        self.s.ba.core.head_len = len(self._head_ba)
+        self.s.ba.core.forwarded = self.s.ba.core.head_len
         self.s.use_splice = _splice_enabled
-        self._done = loop.create_future()
 
-    def __dealloc__(self):
-        self._release_c()
-
-    # -- public surface (the pure twin's) --
+    # -- public surface (the pure twin's; max_buffer, done, wait, close: SpliceCore) --
     @property
     def bytes_a_to_b(self):
-        return self.s.ab.forwarded
+        return self.s.ab.core.forwarded
 
     @property
     def bytes_b_to_a(self):
-        return self.s.ba.forwarded
+        return self.s.ba.core.forwarded
 
     @property
     def buffered_a_to_b(self):
@@ -298,151 +274,22 @@ cdef class Splice:
     def buffered_b_to_a(self):
         return _buffered(&self.s.ba)
 
-    @property
-    def max_buffer(self):
-        return self.s.max_buffer
-
-    @property
-    def done(self):
-        return self._done.done()
-
-    async def wait(self):
-        return await asyncio.shield(self._done)
-
-    def close(self):
-        """Abort both sockets now (unsent buffered bytes are dropped)."""
-        self._fail("aborted", None)
-
     # -- for tests: the path each direction took ("splice", "copy", or None before any byte) --
     @property
     def _paths(self):
         return (_path(&self.s.ab), _path(&self.s.ba))
 
-    @property
-    def _carriers(self):
-        """Whether each direction holds a pipe or block now (an idle one must not)."""
-        return (self.s.ab.pipe_r >= 0 or self.s.ab.buf != NULL,
-                self.s.ba.pipe_r >= 0 or self.s.ba.buf != NULL)
-
-    # -- start: called once by open_splice --
-    def _start(self, sock_a, sock_b):
-        self._sock_a = sock_a     # ownership passes here: closed by _finish(), whatever happens
-        self._sock_b = sock_b
-        if self.s.finished:         # close() came first
-            self._close_sockets()
-            return
-        fd_a = sock_a.fileno()
-        fd_b = sock_b.fileno()
-        if fd_a < 0 or fd_b < 0:
-            # a socket that is already closed cannot be spliced: a reset by that side
-            self._fail("reset", "a" if fd_a < 0 else "b")
-            return
-        for sock in (sock_a, sock_b):
-            _tune(sock)
-        self.s.ab.src_fd = fd_a
-        self.s.ab.dst_fd = fd_b
-        self.s.ba.src_fd = fd_b
-        self.s.ba.dst_fd = fd_a
-        self._cb_read_a = self._on_read_a
-        self._cb_read_b = self._on_read_b
-        self._cb_write_a = self._on_write_a
-        self._cb_write_b = self._on_write_b
-        self.s.started = True
-        # Head bytes and anything already queued move now; the loop takes over from here.
-        self._pump(&self.s.ab)
-        self._pump(&self.s.ba)
-
-    # -- loop callbacks: readiness of one fd drives one direction --
-    def _on_read_a(self):
-        self._guarded(&self.s.ab)       # A readable: A -> B can fill
-
-    def _on_write_b(self):
-        self._guarded(&self.s.ab)       # B writable: A -> B can drain
-
-    def _on_read_b(self):
-        self._guarded(&self.s.ba)
-
-    def _on_write_a(self):
-        self._guarded(&self.s.ba)
-
-    cdef _guarded(self, _Dir *d):
-        try:
-            self._pump(d)
-        except BaseException:
-            # a loop call failed (e.g. the loop is closing): never leave fds registered
-            self._fail("reset", None)
-            raise
-
-    # -- the hot path --
-    cdef int _pump(self, _Dir *d) except -1:
-        """Move what can move now in direction ``d``, then register exactly the readiness it
-        waits for: src readable (buffer empty), dst writable (dst full), or nothing (FIN)."""
-        cdef Py_ssize_t n
-        cdef Py_ssize_t asked = 0
-        cdef int rounds = 0
-        cdef int r
-        if self.s.finished:
-            return 0   # a callback the loop had already queued when the splice ended
-        while True:
-            # What waits goes first (head bytes, then the pipe or buffer): order is kept and at
-            # most one read's worth (<= pipe capacity or READ_SIZE) is ever held per direction.
-            r = self._drain(d)
-            if r < 0:
-                return self._fail("reset", _dst_name(d))
-            if r > 0:
-                # dst is full: stop reading src (its kernel buffer fills, TCP's window closes
-                # on the sender: back-pressure) until dst drains.  Not reading more into the
-                # pipe meanwhile also avoids splice's ambiguity: with a non-empty pipe EAGAIN
-                # may mean "pipe slots full" rather than "socket empty", and a level-triggered
-                # reader on a socket we cannot drain would spin.
-                return self._want(d, False, True)
-            if d.src_eof:
-                # everything before the FIN is out: pass it on, keep the other direction open
-                if shutdown(d.dst_fd, SHUT_WR) != 0:
-                    return self._fail("reset", _dst_name(d))
-                d.eof_passed = True
-                _release_dir(d)
-                self._want(d, False, False)
-                if self.s.ab.eof_passed and self.s.ba.eof_passed:
-                    self._fail("eof", None)
-                return 0
-            if rounds == _MAX_ROUNDS:
-                # Fairness: let the other connections run.  Come back by call_soon, not only by
-                # the poll: uvloop (libuv) reports POLLERR on an fd once and then stops polling
-                # it, so bytes still queued -- and the reset behind them -- would never be read.
-                # (For the same reason there is no "short read: skip the read that would say
-                # EAGAIN" shortcut: that last read is the one that reports the reset.)
-                _release_dir(d)     # empty: its carrier goes back to the pool
-                self._want(d, True, False)
-                self.loop.call_soon(self._cb_read_a if d.index == 0 else self._cb_read_b)
-                return 0
-            rounds += 1
-            n = self._fill(d, &asked)
-            if n > 0:
-                d.forwarded += n
-            elif n == 0:
-                d.src_eof = True
-            elif _would_block(errno):
-                _release_dir(d)     # buffer empty, so EAGAIN is unambiguous: socket drained
-                return self._want(d, True, False)
-            elif errno != EINTR:
-                return self._fail("reset", _src_name(d))
-
-    cdef int _drain(self, _Dir *d) noexcept:
-        """Send what waits in ``d``: 0 all sent, 1 dst would block, -1 dst failed (errno)."""
+    # -- the steps SpliceCore's control loop calls --
+    cdef int _drain(self, _Half *h) noexcept:
+        """Send what waits in ``h``: 0 all sent, 1 dst would block, -1 dst failed (errno)."""
+        cdef _Dir *d = <_Dir *>h          # h is d.core, _Dir's first member
         cdef ssize_t n
-        while d.head_off < d.head_len:
-            n = send(d.dst_fd, d.head + d.head_off, <size_t>(d.head_len - d.head_off),
-                     NP_MSG_NOSIGNAL)
-            if n > 0:
-                d.head_off += n
-            elif n < 0 and errno == EINTR:
-                continue
-            else:
-                return 1 if n < 0 and _would_block(errno) else -1
+        cdef int r = _send_head(h, NP_MSG_NOSIGNAL)
+        if r != 0:
+            return r
         while d.in_pipe > 0:
             # pipe -> socket: the pages go to the socket by reference, no copy
-            n = np_splice(d.pipe_r, d.dst_fd, <size_t>d.in_pipe)
+            n = np_splice(d.pipe_r, h.dst_fd, <size_t>d.in_pipe)
             if n > 0:
                 d.in_pipe -= n
                 if d.in_pipe > 0:
@@ -458,7 +305,7 @@ cdef class Splice:
                     np_set_errno(EIO)  # a pipe we know holds bytes cannot be empty
                 return -1
         while d.buf_end > d.buf_start:
-            n = send(d.dst_fd, d.buf + d.buf_start, <size_t>(d.buf_end - d.buf_start),
+            n = send(h.dst_fd, d.buf + d.buf_start, <size_t>(d.buf_end - d.buf_start),
                      NP_MSG_NOSIGNAL)
             if n > 0:
                 d.buf_start += n
@@ -472,10 +319,9 @@ cdef class Splice:
         d.buf_end = 0
         return 0
 
-    cdef Py_ssize_t _fill(self, _Dir *d, Py_ssize_t *asked) noexcept:
-        """Read from ``d``'s source into its (empty) buffer: > 0 bytes, 0 FIN, -1 errno."""
-        cdef int fds[2]
-        cdef int cap
+    cdef Py_ssize_t _fill(self, _Half *h) except -2:
+        """Read from ``h``'s source into its (empty) buffer: > 0 bytes, 0 FIN, -1 errno."""
+        cdef _Dir *d = <_Dir *>h
         cdef ssize_t n
         cdef Py_ssize_t want
         if d.pipe_r < 0 and d.buf == NULL:
@@ -489,9 +335,8 @@ cdef class Splice:
         if d.pipe_r >= 0:
             # socket -> pipe: one call takes the whole receive queue (tcp_splice_read walks it
             # in one go when non-blocking), up to the pipe's capacity.
-            want = d.pipe_cap if d.pipe_cap < self.s.max_buffer else self.s.max_buffer
-            asked[0] = want
-            n = np_splice(d.src_fd, d.pipe_w, <size_t>want)
+            want = d.pipe_cap if d.pipe_cap < self._max_buffer else self._max_buffer
+            n = np_splice(h.src_fd, d.pipe_w, <size_t>want)
             if n > 0:
                 d.in_pipe = n
                 return n
@@ -505,71 +350,18 @@ cdef class Splice:
             if d.buf == NULL:
                 np_set_errno(ENOMEM)
                 return -1
-        asked[0] = _READ_SIZE
-        n = recv(d.src_fd, d.buf, _READ_SIZE, 0)
+        n = recv(h.src_fd, d.buf, _READ_SIZE, 0)
         if n > 0:
             d.buf_start = 0
             d.buf_end = n
         return n
 
-    # -- registration and the end --
-    cdef int _want(self, _Dir *d, bint read, bint write) except -1:
-        """Make the loop watch exactly what ``d`` waits for (no call when nothing changes:
-        each add/remove costs an epoll_ctl and a Python call)."""
-        if read != d.reading:
-            d.reading = read
-            if read:
-                self.loop.add_reader(d.src_fd, self._cb_read_a if d.index == 0 else self._cb_read_b)
-            else:
-                self.loop.remove_reader(d.src_fd)
-        if write != d.writing:
-            d.writing = write
-            if write:
-                self.loop.add_writer(d.dst_fd, self._cb_write_b if d.index == 0 else self._cb_write_a)
-            else:
-                self.loop.remove_writer(d.dst_fd)
-        return 0
+    cdef void _release(self, _Half *h) noexcept:
+        _release_dir(<_Dir *>h)
 
-    cdef int _fail(self, str how, str by) except -1:
-        """Record the first event that ended the splice, then close everything."""
-        if self._how is None:
-            self._how = how
-            self._by = by
-        return self._finish()
-
-    cdef int _finish(self) except -1:
-        if self.s.finished:
-            return 0
-        self.s.finished = True
-        if self.s.started:
-            try:
-                self._want(&self.s.ab, False, False)
-                self._want(&self.s.ba, False, False)
-            except Exception:
-                pass        # a closed loop has already forgotten the fds
-        self._release_c()
-        self._close_sockets()
-        self._cb_read_a = self._cb_read_b = self._cb_write_a = self._cb_write_b = None
-        if not self._done.done():
-            result = SpliceResult(self.s.ab.forwarded, self.s.ba.forwarded,
-                                  self._how or "closed", self._by)
-            try:
-                self._done.set_result(result)
-            except RuntimeError:
-                pass        # the loop is closed: nobody can await the result any more
-        return 0
-
-    def _close_sockets(self):
-        for sock in (self._sock_a, self._sock_b):
-            if sock is not None:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    cdef void _release_c(self) noexcept:
-        _release_dir(&self.s.ab)
-        _release_dir(&self.s.ba)
+    cdef bint _holds_carrier(self, _Half *h) noexcept:
+        cdef _Dir *d = <_Dir *>h
+        return d.pipe_r >= 0 or d.buf != NULL
 
 
 cdef void _release_dir(_Dir *d) noexcept:
@@ -578,19 +370,11 @@ cdef void _release_dir(_Dir *d) noexcept:
 
 
 cdef inline Py_ssize_t _buffered(_Dir *d) noexcept:
-    return (d.head_len - d.head_off) + d.in_pipe + (d.buf_end - d.buf_start)
+    return (d.core.head_len - d.core.head_off) + d.in_pipe + (d.buf_end - d.buf_start)
 
 
 cdef inline object _path(_Dir *d):
     return (None, "splice", "copy")[d.path]
-
-
-cdef inline str _src_name(_Dir *d):
-    return "a" if d.index == 0 else "b"
-
-
-cdef inline str _dst_name(_Dir *d):
-    return "b" if d.index == 0 else "a"
 
 
 async def open_splice(loop, sock_a, sock_b, *, head_a=b"", head_b=b"", max_buffer=MAX_BUFFER):
@@ -608,8 +392,4 @@ async def splice(loop, sock_a, sock_b, *, head_a=b"", head_b=b"", max_buffer=MAX
     """Splice until both sockets are closed; cancelling aborts both."""
     pump = await open_splice(loop, sock_a, sock_b, head_a=head_a, head_b=head_b,
                              max_buffer=max_buffer)
-    try:
-        return await pump.wait()
-    except asyncio.CancelledError:
-        pump.close()
-        raise
+    return await pump._wait_or_abort()

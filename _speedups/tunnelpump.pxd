@@ -21,18 +21,15 @@
 #   0.55 s -> 0.33 s (encryption off: 0.25 s), npt + srvd + npd per GB 1.25 s -> 0.94-1.01 s
 #   (three socat hops: 0.86-0.97 s) in bench/test_bench_e2e.py-shaped runs.
 #
+# The lifecycle and control loop are SpliceCore's (noports/_speedups/pumpcore.pxd, shared with
+# the relay pump); a _Dir starts with that skeleton's _Half, and only what follows it is the
+# tunnel's own.
+#
 # tunnelpump.pyx cimports this file as ``tunnelpump`` (it sits next to the .pyx), as relaypump
 # does: the sources live in the top-level _speedups/, not under the module's dotted path.  Only
 # C declarations live here, so the cimport costs no import at run time.
 
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int SHUT_WR
-
-cdef extern from "<errno.h>" nogil:
-    int EWOULDBLOCK           # Cython's libc.errno lacks it (equal to EAGAIN on Linux)
+from noports._speedups.pumpcore cimport _Half
 
 cdef extern from "tunnelpump_sys.h" nogil:
     ctypedef struct tp_ctr:
@@ -53,34 +50,20 @@ cdef struct _Ctr:
 
 
 cdef struct _Dir:
-    # -- who --
-    int index             # 0: plain -> relay (encrypts), 1: relay -> plain (decrypts)
-    int src_fd            # the socket this direction reads
-    int dst_fd            # the socket it writes
+    _Half core            # who, head bytes, counts and FIN/registration state: first, always
     # -- the cipher: 0 none (copy), 1 our EvpCtr state (VAES or EVP), 2 a foreign update_into --
     int cipher_kind
     _Ctr *ctr             # kind 1: inside the EvpCtr that TunnelSplice keeps alive
-    # -- what waits to go out, in order: the head bytes, then the block --
-    char *head            # already-read bytes, put through the cipher at start (owned copy)
-    Py_ssize_t head_len
-    Py_ssize_t head_off   # head bytes already sent
+    # -- what waits after the head bytes (core.head: put through the cipher at start) --
     char *buf             # one block, borrowed from the pool while bytes wait in it
     Py_ssize_t buf_cap    # its size (_State.block_size when it was borrowed)
     Py_ssize_t buf_start  # unsent (already en/decrypted) bytes are buf[buf_start:buf_end]
     Py_ssize_t buf_end
-    # -- progress and state --
-    long long forwarded   # bytes read from src (head included) and put through the cipher
-    bint src_eof          # src sent its FIN
-    bint eof_passed       # ... and, everything before it sent, dst got our FIN
-    bint reading          # add_reader(src_fd) is active
-    bint writing          # add_writer(dst_fd) is active
 
 
 cdef struct _State:
-    # the C half of a TunnelSplice (tunnelpump.pyx declares its Python-object fields next to it)
+    # the C half of a TunnelSplice beyond SpliceCore's (tunnelpump.pyx declares its Python-object
+    # fields next to it)
     _Dir pr                   # plain -> relay
     _Dir rp                   # relay -> plain
-    Py_ssize_t max_buffer     # at most this many bytes wait per direction (we hold one block)
     Py_ssize_t block_size     # bytes per recv: 1 MiB, or max_buffer if that is smaller
-    bint started              # _start() has run: fds and callbacks are live
-    bint finished             # both sockets closed, result set

@@ -15,8 +15,11 @@ How: the event loop (uvloop or stock asyncio) only reports readiness of the two 
 the keystream position carries across reads of any size), and sends from the same
 block, waiting for writability on a partial send with the source not read meanwhile.  No Python
 object is made per chunk.  Unlike the relay pump there is no splice(2): the tunnel must see the
-bytes to encrypt them.  Field layout and the measured reasons for it: tunnelpump.pxd; the C
-shims (AES engines, MSG_NOSIGNAL): tunnelpump_sys.h.
+bytes to encrypt them.  The lifecycle and control loop (drain, back-pressure, FIN, fairness,
+registration, the end) are SpliceCore's, shared with the relay pump (pumpcore.pyx); here are the
+tunnel's steps: receive and run the cipher (``_fill``), send what waits (``_drain``), the block
+pool and the ciphers.  Field layout and the measured reasons for it: tunnelpump.pxd; the C shims
+(AES engines, MSG_NOSIGNAL): tunnelpump_sys.h.
 
 AES engines: on x86-64 CPUs with VAES and AVX-512 (Intel Ice Lake and later, AMD Zen 4) our own
 AES-256-CTR (tunnelpump_vaes.h) runs four AES blocks per instruction, about twice OpenSSL 3.0's
@@ -33,26 +36,27 @@ The GIL is held throughout: every call here is non-blocking and short (AES-CTR o
 ~35 us), and dropping it around each would cost more than it could give another thread.
 """
 
-import asyncio
-import socket
-
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.errno cimport EAGAIN, EINTR, ENOMEM, errno
+from libc.errno cimport EINTR, ENOMEM, errno
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
+from noports._speedups.pumpcore cimport (
+    SpliceCore,
+    _Half,
+    _init_half,
+    _send_head,
+    _would_block,
+    recv,
+    send,
+)
 from tunnelpump cimport (
-    EWOULDBLOCK,
-    SHUT_WR,
     TP_MSG_NOSIGNAL,
     _Ctr,
     _Dir,
     _State,
-    recv,
-    send,
-    shutdown,
     tp_ctr_crypt,
     tp_ctr_engine,
     tp_ctr_fast_available,
@@ -263,59 +267,28 @@ def _configure(block_size=None, aes=None):
     return previous
 
 
-# -- helpers --------------------------------------------------------------------------------------
-
-cdef inline bint _would_block(int err) noexcept:
-    return err == EAGAIN or err == EWOULDBLOCK
-
-
-cdef inline void _init_dir(_Dir *d, int index) noexcept:
-    d.index = index
-    d.src_fd = -1
-    d.dst_fd = -1
-
-
-def _tune(sock):
-    sock.setblocking(False)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass   # not TCP (a socketpair) or already dead: the first syscall will find out
-
-
-cdef class TunnelSplice:
+cdef class TunnelSplice(SpliceCore):
     """A live splice of a plain socket and a relay socket.  Make it with
     :func:`open_splice_encrypted`.
 
     ``bytes_plain_to_relay`` / ``bytes_relay_to_plain`` count live; ``await wait()`` returns the
-    TunnelResult once both sockets are closed; ``close()`` aborts both at once.
+    TunnelResult once both sockets are closed; ``close()`` aborts both at once.  The plain socket
+    is SpliceCore's first, the relay socket its second.
     """
 
     cdef:
-        _State s                  # every C field: see tunnelpump.pxd
-        readonly object loop
-        object _plain_sock        # owned: kept alive while their fds are in use, closed at end
-        object _relay_sock
+        _State s                  # the tunnel's C fields: see tunnelpump.pxd
         object _encrypt           # the cipher objects s.pr / s.rp use (EvpCtr: its _Ctr)
         object _decrypt
-        object _done              # asyncio Future -> TunnelResult
-        object _cb_read_plain     # bound methods handed to the loop, made once (not per call)
-        object _cb_read_relay
-        object _cb_write_plain
-        object _cb_write_relay
-        object _how               # first event that ended the splice wins...
-        object _by                # ... and the side it came from
 
     def __cinit__(self):
-        _init_dir(&self.s.pr, 0)
-        _init_dir(&self.s.rp, 1)
+        _init_half(&self.s.pr.core, 0)
+        _init_half(&self.s.rp.core, 1)
+        self._dir[0] = &self.s.pr.core
+        self._dir[1] = &self.s.rp.core
 
     def __init__(self, loop, encrypt, decrypt, head_plain, head_relay, max_buffer):
-        if max_buffer < 2 * READ_SIZE:
-            raise ValueError(f"max_buffer must be at least {2 * READ_SIZE} bytes")
-        self.loop = loop
-        self.s.max_buffer = max_buffer
+        self._setup(loop, max_buffer, _MAX_ROUNDS, ("plain", "relay"), TunnelResult)
         # one block is all a direction holds (beyond head bytes): never more than max_buffer
         self.s.block_size = min(_block_size, max_buffer)
         self._encrypt = encrypt
@@ -326,7 +299,6 @@ cdef class TunnelSplice:
         # follows the byte order of the stream.
         self._set_head(&self.s.pr, head_plain)
         self._set_head(&self.s.rp, head_relay)
-        self._done = loop.create_future()
 
     cdef int _set_head(self, _Dir *d, head) except -1:
         cdef const unsigned char[::1] h
@@ -334,26 +306,23 @@ cdef class TunnelSplice:
         if n == 0:
             return 0
         h = bytes(head)
-        d.head = <char *>malloc(n)
-        if d.head == NULL:
+        d.core.head = <char *>malloc(n)
+        if d.core.head == NULL:
             raise MemoryError()
-        memcpy(d.head, &h[0], n)
-        d.head_len = n
-        self._crypt(d, d.head, n)
-        d.forwarded = n
+        memcpy(d.core.head, &h[0], n)
+        d.core.head_len = n
+        self._crypt(d, d.core.head, n)
+        d.core.forwarded = n
         return 0
 
-    def __dealloc__(self):
-        self._release_c()
-
-    # -- public surface (the pure twin's) --
+    # -- public surface (the pure twin's; max_buffer, done, wait, close: SpliceCore) --
     @property
     def bytes_plain_to_relay(self):
-        return self.s.pr.forwarded
+        return self.s.pr.core.forwarded
 
     @property
     def bytes_relay_to_plain(self):
-        return self.s.rp.forwarded
+        return self.s.rp.core.forwarded
 
     @property
     def buffered_plain_to_relay(self):
@@ -364,142 +333,66 @@ cdef class TunnelSplice:
     def buffered_relay_to_plain(self):
         return _buffered(&self.s.rp)
 
-    @property
-    def max_buffer(self):
-        return self.s.max_buffer
-
-    @property
-    def done(self):
-        return self._done.done()
-
-    async def wait(self):
-        return await asyncio.shield(self._done)
-
-    def close(self):
-        """Abort both sockets now (unsent buffered bytes are dropped)."""
-        self._fail("aborted", None)
-
     # -- for tests --
-    @property
-    def _carriers(self):
-        """Whether each direction holds a block now (an idle one must not)."""
-        return (self.s.pr.buf != NULL, self.s.rp.buf != NULL)
-
     @property
     def _cipher_kinds(self):
         """(plain->relay, relay->plain): "none", "evp" or "foreign"."""
         names = ("none", "evp", "foreign")
         return (names[self.s.pr.cipher_kind], names[self.s.rp.cipher_kind])
 
-    # -- start: called once by open_splice_encrypted --
-    def _start(self, plain_sock, relay_sock):
-        self._plain_sock = plain_sock   # ownership passes here: closed by _finish(), whatever
-        self._relay_sock = relay_sock
-        if self.s.finished:             # close() came first
-            self._close_sockets()
-            return
-        fd_plain = plain_sock.fileno()
-        fd_relay = relay_sock.fileno()
-        if fd_plain < 0 or fd_relay < 0:
-            # a socket that is already closed cannot be spliced: a reset by that side
-            self._fail("reset", "plain" if fd_plain < 0 else "relay")
-            return
-        for sock in (plain_sock, relay_sock):
-            _tune(sock)
-        self.s.pr.src_fd = fd_plain
-        self.s.pr.dst_fd = fd_relay
-        self.s.rp.src_fd = fd_relay
-        self.s.rp.dst_fd = fd_plain
-        self._cb_read_plain = self._on_read_plain
-        self._cb_read_relay = self._on_read_relay
-        self._cb_write_plain = self._on_write_plain
-        self._cb_write_relay = self._on_write_relay
-        self.s.started = True
-        # Head bytes and anything already queued move now; the loop takes over from here.
-        self._guarded(&self.s.pr)
-        self._guarded(&self.s.rp)
-
-    # -- loop callbacks: readiness of one fd drives one direction --
-    def _on_read_plain(self):
-        self._guarded(&self.s.pr)       # plain readable: plain -> relay can fill
-
-    def _on_write_relay(self):
-        self._guarded(&self.s.pr)       # relay writable: plain -> relay can drain
-
-    def _on_read_relay(self):
-        self._guarded(&self.s.rp)
-
-    def _on_write_plain(self):
-        self._guarded(&self.s.rp)
-
-    cdef _guarded(self, _Dir *d):
-        try:
-            self._pump(d)
-        except BaseException:
-            # a loop call or a foreign cipher failed: never leave fds registered
-            self._fail("reset", None)
-            raise
-
-    # -- the hot path --
-    cdef int _pump(self, _Dir *d) except -1:
-        """Move what can move now in direction ``d``, then register exactly the readiness it
-        waits for: src readable (block empty), dst writable (dst full), or nothing (FIN)."""
+    # -- the steps SpliceCore's control loop calls --
+    cdef int _drain(self, _Half *h) noexcept:
+        """Send what waits in ``h``: 0 all sent, 1 dst would block, -1 dst failed (errno)."""
+        cdef _Dir *d = <_Dir *>h          # h is d.core, _Dir's first member
         cdef ssize_t n
-        cdef int rounds = 0
-        cdef int r
-        if self.s.finished:
-            return 0   # a callback the loop had already queued when the splice ended
-        while True:
-            # What waits goes first (head bytes, then the block): order is kept and at most one
-            # block (<= max_buffer) beyond the head is ever held per direction.
-            r = _drain(d)
-            if r < 0:
-                return self._fail("reset", _dst_name(d))
-            if r > 0:
-                # dst is full: stop reading src (its kernel buffer fills, TCP's window closes on
-                # the sender: back-pressure) until dst drains.
-                return self._want(d, False, True)
-            if d.src_eof:
-                # everything before the FIN is out: pass it on, keep the other direction open
-                if shutdown(d.dst_fd, SHUT_WR) != 0:
-                    return self._fail("reset", _dst_name(d))
-                d.eof_passed = True
-                _return_buf(d)
-                self._want(d, False, False)
-                if self.s.pr.eof_passed and self.s.rp.eof_passed:
-                    self._fail("eof", None)
-                return 0
-            if rounds == _MAX_ROUNDS:
-                # Fairness: let the other connections run.  Come back by call_soon, not only by
-                # the poll: uvloop (libuv) reports POLLERR on an fd once and then stops polling
-                # it, so bytes still queued -- and the reset behind them -- would never be read.
-                # (For the same reason there is no "short read: skip the read that would say
-                # EAGAIN" shortcut: that last read is the one that reports the reset.)
-                _return_buf(d)      # empty: its block goes back to the pool
-                self._want(d, True, False)
-                self.loop.call_soon(
-                    self._cb_read_plain if d.index == 0 else self._cb_read_relay)
-                return 0
-            rounds += 1
-            if d.buf == NULL:
-                d.buf = _borrow_buf(d, self.s.block_size)
-                if d.buf == NULL:
-                    tp_set_errno(ENOMEM)
-                    return self._fail("reset", _src_name(d))
-            n = recv(d.src_fd, d.buf, <size_t>d.buf_cap, 0)
+        cdef int r = _send_head(h, TP_MSG_NOSIGNAL)
+        if r != 0:
+            return r
+        if h.head != NULL:
+            free(h.head)          # all sent: a big head must not live as long as the connection
+            h.head = NULL
+        while d.buf_end > d.buf_start:
+            n = send(h.dst_fd, d.buf + d.buf_start, <size_t>(d.buf_end - d.buf_start),
+                     TP_MSG_NOSIGNAL)
             if n > 0:
-                # in place, before anything of it is sent: no second buffer, no Python object
-                self._crypt(d, d.buf, n)
-                d.buf_start = 0
-                d.buf_end = n
-                d.forwarded += n
-            elif n == 0:
-                d.src_eof = True
-            elif _would_block(errno):
-                _return_buf(d)      # block empty, socket drained
-                return self._want(d, True, False)
-            elif errno != EINTR:
-                return self._fail("reset", _src_name(d))
+                d.buf_start += n
+            elif n < 0 and errno == EINTR:
+                continue
+            else:
+                return 1 if n < 0 and _would_block(errno) else -1
+        d.buf_start = 0
+        d.buf_end = 0
+        return 0
+
+    cdef Py_ssize_t _fill(self, _Half *h) except -2:
+        """Receive from ``h``'s source into its (empty) block and put the bytes through the
+        cipher there: > 0 bytes, 0 FIN, -1 errno; -2 when a foreign cipher raised."""
+        cdef _Dir *d = <_Dir *>h
+        cdef ssize_t n
+        if d.buf == NULL:
+            d.buf = _borrow_buf(d, self.s.block_size)
+            if d.buf == NULL:
+                tp_set_errno(ENOMEM)
+                return -1
+        n = recv(h.src_fd, d.buf, <size_t>d.buf_cap, 0)
+        if n > 0:
+            # in place, before anything of it is sent: no second buffer, no Python object
+            self._crypt(d, d.buf, n)
+            d.buf_start = 0
+            d.buf_end = n
+        return n
+
+    cdef void _release(self, _Half *h) noexcept:
+        _return_buf(<_Dir *>h)
+
+    cdef bint _holds_carrier(self, _Half *h) noexcept:
+        return (<_Dir *>h).buf != NULL
+
+    cdef void _release_c(self) noexcept:
+        # blocks back to the pool; unsent head bytes dropped (the counts are kept)
+        SpliceCore._release_c(self)
+        _drop_head(&self.s.pr)
+        _drop_head(&self.s.rp)
 
     cdef int _crypt(self, _Dir *d, char *data, Py_ssize_t n) except -1:
         """Put ``n`` bytes at ``data`` through ``d``'s cipher, in place."""
@@ -510,75 +403,10 @@ cdef class TunnelSplice:
             # nothing can point into a block that goes back to the pool
             view = PyMemoryView_FromMemory(data, n, PyBUF_WRITE)
             try:
-                (self._encrypt if d.index == 0 else self._decrypt).update_into(view, view)
+                (self._encrypt if d.core.index == 0 else self._decrypt).update_into(view, view)
             finally:
                 view.release()
         return 0
-
-    # -- registration and the end --
-    cdef int _want(self, _Dir *d, bint read, bint write) except -1:
-        """Make the loop watch exactly what ``d`` waits for (no call when nothing changes: each
-        add/remove costs an epoll_ctl and a Python call)."""
-        if read != d.reading:
-            d.reading = read
-            if read:
-                self.loop.add_reader(
-                    d.src_fd, self._cb_read_plain if d.index == 0 else self._cb_read_relay)
-            else:
-                self.loop.remove_reader(d.src_fd)
-        if write != d.writing:
-            d.writing = write
-            if write:
-                self.loop.add_writer(
-                    d.dst_fd, self._cb_write_relay if d.index == 0 else self._cb_write_plain)
-            else:
-                self.loop.remove_writer(d.dst_fd)
-        return 0
-
-    cdef int _fail(self, str how, str by) except -1:
-        """Record the first event that ended the splice, then close everything."""
-        if self._how is None:
-            self._how = how
-            self._by = by
-        return self._finish()
-
-    cdef int _finish(self) except -1:
-        if self.s.finished:
-            return 0
-        self.s.finished = True
-        if self.s.started:
-            try:
-                self._want(&self.s.pr, False, False)
-                self._want(&self.s.rp, False, False)
-            except Exception:
-                pass        # a closed loop has already forgotten the fds
-        self._release_c()
-        self._close_sockets()
-        self._cb_read_plain = self._cb_read_relay = None
-        self._cb_write_plain = self._cb_write_relay = None
-        if not self._done.done():
-            result = TunnelResult(self.s.pr.forwarded, self.s.rp.forwarded,
-                                  self._how or "closed", self._by)
-            try:
-                self._done.set_result(result)
-            except RuntimeError:
-                pass        # the loop is closed: nobody can await the result any more
-        return 0
-
-    def _close_sockets(self):
-        for sock in (self._plain_sock, self._relay_sock):
-            if sock is not None:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    cdef void _release_c(self) noexcept:
-        # blocks back to the pool; unsent head bytes dropped (the counts are kept)
-        _return_buf(&self.s.pr)
-        _return_buf(&self.s.rp)
-        _drop_head(&self.s.pr)
-        _drop_head(&self.s.rp)
 
 
 cdef int _set_cipher(_Dir *d, cipher) except -1:
@@ -595,50 +423,13 @@ cdef int _set_cipher(_Dir *d, cipher) except -1:
 
 
 cdef void _drop_head(_Dir *d) noexcept:
-    d.head_off = d.head_len
-    free(d.head)
-    d.head = NULL
-
-
-cdef int _drain(_Dir *d) noexcept:
-    """Send what waits in ``d``: 0 all sent, 1 dst would block, -1 dst failed (errno)."""
-    cdef ssize_t n
-    while d.head_off < d.head_len:
-        n = send(d.dst_fd, d.head + d.head_off, <size_t>(d.head_len - d.head_off),
-                 TP_MSG_NOSIGNAL)
-        if n > 0:
-            d.head_off += n
-        elif n < 0 and errno == EINTR:
-            continue
-        else:
-            return 1 if n < 0 and _would_block(errno) else -1
-    if d.head != NULL:
-        free(d.head)          # all sent: a big head must not live as long as the connection
-        d.head = NULL
-    while d.buf_end > d.buf_start:
-        n = send(d.dst_fd, d.buf + d.buf_start, <size_t>(d.buf_end - d.buf_start),
-                 TP_MSG_NOSIGNAL)
-        if n > 0:
-            d.buf_start += n
-        elif n < 0 and errno == EINTR:
-            continue
-        else:
-            return 1 if n < 0 and _would_block(errno) else -1
-    d.buf_start = 0
-    d.buf_end = 0
-    return 0
+    d.core.head_off = d.core.head_len
+    free(d.core.head)
+    d.core.head = NULL
 
 
 cdef inline Py_ssize_t _buffered(_Dir *d) noexcept:
-    return (d.head_len - d.head_off) + (d.buf_end - d.buf_start)
-
-
-cdef inline str _src_name(_Dir *d):
-    return "plain" if d.index == 0 else "relay"
-
-
-cdef inline str _dst_name(_Dir *d):
-    return "relay" if d.index == 0 else "plain"
+    return (d.core.head_len - d.core.head_off) + (d.buf_end - d.buf_start)
 
 
 async def open_splice_encrypted(loop, plain_sock, relay_sock, *, encrypt=None, decrypt=None,
@@ -660,8 +451,4 @@ async def splice_encrypted(loop, plain_sock, relay_sock, *, encrypt=None, decryp
     pump = await open_splice_encrypted(loop, plain_sock, relay_sock, encrypt=encrypt,
                                        decrypt=decrypt, head_plain=head_plain,
                                        head_relay=head_relay, max_buffer=max_buffer)
-    try:
-        return await pump.wait()
-    except asyncio.CancelledError:
-        pump.close()
-        raise
+    return await pump._wait_or_abort()

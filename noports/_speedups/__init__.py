@@ -5,6 +5,9 @@ Compiled modules are built from the top-level ``_speedups/<name>.pyx`` as
 Everything on the data path imports through :func:`load`, so one environment variable
 (``NOPORTS_NO_EXTENSIONS=1``) forces the twins everywhere, and ``--version`` can say which
 implementation is live.  Nothing else in the package may import a compiled module directly.
+
+``noports._speedups.pumpcore`` (with its ``pumpcore.pxd`` here) is not one of them: it is the
+compiled pumps' shared base class, imported by those two modules only, with no twin to choose.
 """
 
 from __future__ import annotations
