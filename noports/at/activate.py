@@ -16,13 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-from noports import __version__
-from noports._speedups import describe
 from noports.at.atkeys import AtKeys, default_keys_path
 from noports.at.client import AtClient
 from noports.at.connection import CA_FILE_ENV, AtConnectionError, AtTimeoutError, make_ssl_context
 from noports.at.names import normalize_atsign
 from noports.at.root import DEFAULT_ROOT, AtSignNotFoundError, RootClient, parse_root_address
+from noports.cliflags import add_root_flags, add_version_flag
 from noports.errors import AtServerError, InvalidAtSignError, NoPortsError
 from noports.logsetup import add_flags as add_log_flags
 from noports.logsetup import setup_logging
@@ -109,28 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--atsign", required=True, help="the atSign to activate, e.g. @alice")
     p.add_argument("-c", "--cram-secret", required=True,
                    help="the atSign's CRAM secret (from the atServer's operator)")
-    p.add_argument("-r", "--root-domain", default=DEFAULT_ROOT, metavar="HOST[:PORT]",
-                   help=f"root directory (default {DEFAULT_ROOT}, needs Internet access)")
-    p.add_argument("--ca-file", default=os.environ.get(CA_FILE_ENV) or None,
-                   help=f"PEM CA bundle to trust instead of the system store "
-                        f"(default ${CA_FILE_ENV})")
+    add_root_flags(p, root_short="-r",
+                   root_help=f"root directory (default {DEFAULT_ROOT}, needs Internet access)",
+                   ca_help=f"PEM CA bundle to trust instead of the system store "
+                           f"(default ${CA_FILE_ENV})")
     p.add_argument("-k", "--keys", dest="keys_path", metavar="OUT",
                    help="where to write the .atKeys file (default ~/.atsign/keys/@x_key.atKeys)")
     p.add_argument("--force", action="store_true", help="overwrite an existing keys file")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     add_log_flags(p, verbose_help="log each step (-v), with protocol detail (-vv)")
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p)
     return p
-
-
-class _Version(argparse.Action):
-    """``--version``: two unwrapped lines, as srvd prints them (before -a/-c are required)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"at_activate (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
 
 
 def _run(coro):

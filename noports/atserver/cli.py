@@ -15,12 +15,11 @@ import signal
 import sys
 from pathlib import Path
 
-from noports import __version__
-from noports._speedups import describe
 from noports.atserver.app import AtServerApp, ServerConfig
 from noports.atserver.root import RootDirectory
 from noports.atserver.server import ConnectionLimits
 from noports.atserver.verbs import Limits
+from noports.cliflags import add_version_flag
 from noports.errors import NoPortsError
 from noports.logsetup import add_flags as add_log_flags
 from noports.logsetup import setup_logging
@@ -92,19 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a power loss (slower; default normal)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
     add_log_flags(p)
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p)
     return p
-
-
-class _Version(argparse.Action):
-    """``--version``: two unwrapped lines, as srvd prints them (and before --state-dir is
-    required)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"atserver (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -19,24 +19,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from noports import __version__
-from noports._speedups import describe
 from noports.at.atkeys import default_keys_path
 from noports.at.names import normalize_atsign, validate_device_name
-from noports.at.root import DEFAULT_ROOT, parse_root_address
 from noports.client import debug
 from noports.client.detach import Handoff, run_detached
 from noports.client.keepalive import KEEP_ALIVE_TIMEOUT_S
 from noports.client.keygen import EphemeralKey
 from noports.client.listing import LIST_TIMEOUT
 from noports.client.phases import DEFAULT_TIMEOUT_S, EXIT_CODES, PhaseError, ended_error
+from noports.cliflags import (
+    add_key_file_flag,
+    add_root_flags,
+    add_version_flag,
+    check_root_domain,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from noports.client.session import Progress, SessionOptions
@@ -128,13 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="PORT", help="local port to listen on (default 0: any free port)")
     p.add_argument("--local-host", default="127.0.0.1", metavar="ADDRESS",
                    help="local address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("-k", "--key-file", "--keyFile", dest="key_file", type=Path,
-                   help="the client's .atKeys (default ~/.atsign/keys/<@client>_key.atKeys)")
-    p.add_argument("--root-domain", default=DEFAULT_ROOT, metavar="HOST[:PORT]",
-                   help=f"atDirectory (root) server (default {DEFAULT_ROOT})")
-    p.add_argument("--ca-file", default=os.environ.get("NOPORTS_CA_FILE") or None,
-                   help="PEM bundle to trust for atServer TLS instead of the system store "
-                        "(default $NOPORTS_CA_FILE)")
+    add_key_file_flag(p, "the client's .atKeys (default ~/.atsign/keys/<@client>_key.atKeys)")
+    add_root_flags(p)
     p.add_argument("--daemon-ping-timeout", "--dpt", dest="daemon_ping_timeout",
                    type=_seconds, default=20.0, metavar="SECONDS",
                    help="how long to wait for the daemon's ping response (default 20)")
@@ -168,16 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {LIST_TIMEOUT:g})")
     add_log_flags(p, quiet_help="no progress lines, and log errors only (overrides -v)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p)
     return p
-
-
-class _Version(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"npt (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,10 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.list_devices:
         if args.key_file is None:
             args.key_file = default_keys_path(args.client)
-        try:
-            parse_root_address(args.root_domain, default_port=64)
-        except ValueError as exc:
-            parser.error(f"--root-domain: {exc}")
+        check_root_domain(parser, args)
         return args
     if args.remote_port == 0:
         parser.error("-p/--remote-port: must be 1..65535")
@@ -226,10 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not host or any(ch.isspace() or ch == "," for ch in host):
         parser.error(f"-h/--remote-host: not a host name: {args.remote_host!r}")
     args.remote_host = host
-    try:
-        parse_root_address(args.root_domain, default_port=64)
-    except ValueError as exc:
-        parser.error(f"--root-domain: {exc}")
+    check_root_domain(parser, args)
     if args.key_file is None:
         args.key_file = default_keys_path(args.client)
     return args

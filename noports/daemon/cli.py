@@ -24,12 +24,16 @@ import stat
 import sys
 from pathlib import Path
 
-from noports import __version__
-from noports._speedups import describe
 from noports.at.atkeys import AtKeys, default_keys_path
 from noports.at.client import AtClient
 from noports.at.names import normalize_atsign, validate_device_name
-from noports.at.root import DEFAULT_ROOT, parse_root_address
+from noports.cliflags import (
+    add_key_file_flag,
+    add_metrics_flags,
+    add_root_flags,
+    add_version_flag,
+    check_root_domain,
+)
 from noports.daemon.daemon import DaemonConfig, Npd, StateStore, default_storage_path
 from noports.errors import InvalidAtSignError, InvalidDeviceNameError, NoPortsError
 from noports.logsetup import add_flags as add_log_flags
@@ -42,6 +46,7 @@ from noports.messages import (
     parse_permit_open,
 )
 from noports.relay.metrics import MetricsServer
+from noports.runner import run
 
 __all__ = ["EXIT_BAD_FLAGS", "EXIT_FAILURE", "EXIT_OK", "EXIT_UNSAFE_KEYS", "build_parser",
            "main", "parse_args"]
@@ -68,24 +73,10 @@ signature verifies and its host:port is allowed by --permit-open (exact strings;
 host:port, *:port, host:* or *:*)."""
 
 
-class _Version(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"npd (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
-
-
 class _Help(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.print_help()
         parser.exit(0)
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 65536:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
-    return value
 
 
 def build_parser(prog: str = "npd") -> argparse.ArgumentParser:
@@ -106,9 +97,8 @@ def build_parser(prog: str = "npd") -> argparse.ArgumentParser:
     p.add_argument("-d", "--device", default="default",
                    help="device name: lower-cased, spaces become '_', then 2-36 of a-z 0-9 _ - "
                         "(default 'default')")
-    p.add_argument("-k", "--key-file", "--keyFile", dest="key_file", type=Path,
-                   help="the daemon's .atKeys (default ~/.atsign/keys/<atsign>_key.atKeys); "
-                        "must not be readable by group or others")
+    add_key_file_flag(p, "the daemon's .atKeys (default ~/.atsign/keys/<atsign>_key.atKeys); "
+                         "must not be readable by group or others")
     p.add_argument("--permit-open", "--po", dest="permit_open", default=DEFAULT_PERMIT_OPEN,
                    metavar="HOST:PORT[,...]",
                    help="what a manager's session may connect to: host:port, *:port, host:* "
@@ -120,25 +110,18 @@ def build_parser(prog: str = "npd") -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)   # Atsign's deprecated no-op, kept for scripts
     p.add_argument("--device-group", "--dg", dest="device_group", default=DEFAULT_DEVICE_GROUP,
                    help=f"device group name in the ping response (default {DEFAULT_DEVICE_GROUP})")
-    p.add_argument("--root-domain", default=DEFAULT_ROOT, metavar="HOST[:PORT]",
-                   help=f"atDirectory (root) server (default {DEFAULT_ROOT})")
-    p.add_argument("--ca-file", default=os.environ.get("NOPORTS_CA_FILE") or None,
-                   help="PEM bundle to trust for atServer TLS instead of the system store "
-                        "(default $NOPORTS_CA_FILE)")
+    add_root_flags(p)
     p.add_argument("--storage-path", type=Path, metavar="DIR",
                    help="where npd keeps its state: the last notification epoch and the "
                         "sessionIds already served, so a restart neither misses nor repeats "
                         "a request (default ~/.atsign/storage/<atsign>/.npd/<device>)")
-    p.add_argument("--metrics-port", type=_port, metavar="PORT",
-                   help="serve Prometheus counters at http://<metrics-host>:PORT/metrics "
-                        "(0 = any free port; default: none)")
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                   help="address of the metrics server (default 127.0.0.1)")
+    add_metrics_flags(p, port_help="serve Prometheus counters at "
+                                   "http://<metrics-host>:PORT/metrics (0 = any free port; "
+                                   "default: none)")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     add_log_flags(p, verbose_help="more logging on stderr (-v info from every module, -vv "
                                   "debug; npd's own lines are always shown unless -q)")
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p, "npd")   # sshnpd --version says npd too
     return p
 
 
@@ -166,10 +149,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "npd") -> argparse.Nam
         args.permit_open = tuple(parse_permit_open(args.permit_open))
     except MessageError as exc:
         parser.error(f"--permit-open: {exc}")
-    try:
-        parse_root_address(args.root_domain, default_port=64)
-    except ValueError as exc:
-        parser.error(f"--root-domain: {exc}")
+    check_root_domain(parser, args)
     if not args.device_group.strip():
         parser.error("--device-group is empty")
     if args.key_file is None:
@@ -291,17 +271,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     # the daemon's own lines (ready, sessions, drops, stop) are shown unless -q
     setup_logging(prog, args.verbose, args.quiet, own=("noports.daemon",))
-    if args.no_uvloop:
-        loop = asyncio.new_event_loop()
-    else:
-        try:
-            import uvloop
-            loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - platforms without uvloop
-            loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(serve(args))
-    finally:
-        with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    return run(serve(args), no_uvloop=args.no_uvloop)

@@ -29,7 +29,6 @@ import logging
 import os
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from noports.at.crypto import public_key_from_b64
 from noports.at.envelope import verify_envelope
+from noports.at.pubkeys import PublicKeys
 from noports.daemon.handlers import (
     KIND_PING,
     DaemonPolicy,
@@ -221,7 +221,7 @@ class Npd:
         self._watchers: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
         self._saved_epoch: int | None = None
-        self._parsed_keys: OrderedDict[str, RSAPublicKey] = OrderedDict()
+        self._key_cache = PublicKeys(256)
         self._closing = False
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -391,17 +391,7 @@ class Npd:
         """``public:publickey@<atsign>``, looked up every time (Atsign dropped its cache of
         these because stale keys broke sessions); parsed keys are cached by their text."""
         self.stats.lookups["true" if self.policy.is_manager(atsign) else "false"] += 1
-        text = await asyncio.wait_for(self.client.plookup(f"publickey{atsign}"),
-                                      self.config.lookup_timeout)
-        if not text:
-            raise AtServerError("AT0015", f"{atsign} has no public encryption key")
-        key = self._parsed_keys.get(text)
-        if key is None:
-            key = public_key_from_b64(text)
-            self._parsed_keys[text] = key
-            if len(self._parsed_keys) > 256:
-                self._parsed_keys.popitem(last=False)
-        return key
+        return await self._key_cache.lookup(self.client, atsign, self.config.lookup_timeout)
 
     async def _reply(self, sender: str, session_id: str, value: str, outcome: str) -> None:
         cfg = self.config

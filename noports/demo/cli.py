@@ -19,6 +19,7 @@ from pathlib import Path
 
 from noports import __version__
 from noports._speedups import describe
+from noports.cliflags import add_version_flag
 from noports.demo.stack import Demo, DemoOptions, PhaseFailed, Phases
 from noports.logsetup import add_flags as add_log_flags
 from noports.logsetup import setup_logging
@@ -64,18 +65,8 @@ def build_parser(prog: str = "noports demo") -> argparse.ArgumentParser:
                         "npd and npt commands to do the same by hand, and wait for Ctrl-C")
     add_log_flags(p, verbose_help="the demo's own log lines on stderr (-v info, -vv debug); "
                                   "the programs it runs log to their own files")
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p)
     return p
-
-
-class _Version(argparse.Action):
-    """``--version``: two unwrapped lines, as every noports program prints them."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"{parser.prog} (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
 
 
 async def _main(opts: DemoOptions, state_dir: Path, phases: Phases) -> int:

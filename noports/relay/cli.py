@@ -27,12 +27,16 @@ import stat
 import sys
 from pathlib import Path
 
-from noports import __version__
-from noports._speedups import describe
 from noports.at.atkeys import AtKeys, default_keys_path
 from noports.at.client import AtClient
 from noports.at.names import normalize_atsign
-from noports.at.root import DEFAULT_ROOT, parse_root_address
+from noports.cliflags import (
+    add_key_file_flag,
+    add_metrics_flags,
+    add_root_flags,
+    add_version_flag,
+    check_root_domain,
+)
 from noports.errors import InvalidAtSignError, NoPortsError
 from noports.logsetup import add_flags as add_log_flags
 from noports.logsetup import setup_logging
@@ -43,6 +47,7 @@ from noports.relay.metrics import MetricsServer
 from noports.relay.session import RelaySessions
 from noports.relay.stats import RelayStats
 from noports.relay.workers import WorkerPool, cpu_workers
+from noports.runner import run
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -76,13 +81,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 65536:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="srvd",
@@ -95,13 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--manager", default=OPEN, metavar="@CLIENT",
                    help="only this client atSign may open sessions: the request's sender must "
                         "be it and atSignA must be the sender; 'open' = anyone (default open)")
-    p.add_argument("-k", "--key-file", "--keyFile", dest="key_file", type=Path,
-                   help="the relay's .atKeys file (default ~/.atsign/keys/<atsign>_key.atKeys)")
-    p.add_argument("--root-domain", default=DEFAULT_ROOT, metavar="HOST[:PORT]",
-                   help=f"atDirectory (root) server (default {DEFAULT_ROOT})")
-    p.add_argument("--ca-file", default=os.environ.get("NOPORTS_CA_FILE") or None,
-                   help="PEM bundle to trust for atServer TLS instead of the system store "
-                        "(default $NOPORTS_CA_FILE)")
+    add_key_file_flag(p, "the relay's .atKeys file (default ~/.atsign/keys/<atsign>_key.atKeys)")
+    add_root_flags(p)
     p.add_argument("--bind", default="0.0.0.0", metavar="HOST",
                    help="local address of the session ports (default 0.0.0.0, as Atsign's srvd)")
     p.add_argument("--allow-unauthenticated", action="store_true",
@@ -115,29 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per socket, time to present a valid auth line (default 5)")
     p.add_argument("--pairing-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="a session with no pair by then is closed (default 30)")
-    p.add_argument("--metrics-port", type=_port, metavar="PORT",
-                   help="serve Prometheus metrics at http://<metrics-host>:PORT/metrics "
-                        "(0 = any free port; default: no metrics server)")
-    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                   help="address of the metrics server (default 127.0.0.1)")
+    add_metrics_flags(p, port_help="serve Prometheus metrics at "
+                                   "http://<metrics-host>:PORT/metrics (0 = any free port; "
+                                   "default: no metrics server)")
     p.add_argument("--workers", type=_non_negative_int, default=1, metavar="N",
                    help="worker processes that run the sessions' data plane (default 1: all in "
                         "this process; 0 = one per core); the control plane stays here")
     p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio event loop")
     add_log_flags(p, verbose_help="more logging on stderr (-v info from every module, -vv "
                                   "debug; srvd's own lines are always shown unless -q)")
-    p.add_argument("--version", action=_Version, nargs=0,
-                   help="print the noports version and the data-plane implementation, exit")
+    add_version_flag(p)
     return p
-
-
-class _Version(argparse.Action):
-    """``--version``: two unwrapped lines (argparse's own action re-wraps the text)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(f"srvd (noports) {__version__}\n{describe()}\n")
-        sys.stdout.flush()
-        parser.exit(0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,10 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         encode_reply_csv(args.ip, 1, 1, None)
     except ValueError as exc:
         parser.error(f"-i/--ip: {exc}")
-    try:
-        parse_root_address(args.root_domain, default_port=64)
-    except ValueError as exc:
-        parser.error(f"--root-domain: {exc}")
+    check_root_domain(parser, args)
     if args.key_file is None:
         args.key_file = default_keys_path(args.atsign)
     return args
@@ -355,17 +333,4 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("srvd", args.verbose, args.quiet, own=("noports.relay",))
     soft, hard = raise_fd_limit()
     log.debug("RLIMIT_NOFILE soft %d hard %d", soft, hard)
-    if args.no_uvloop:
-        loop = asyncio.new_event_loop()
-    else:
-        try:
-            import uvloop
-            loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - platforms without uvloop
-            loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(serve(args))
-    finally:
-        with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    return run(serve(args), no_uvloop=args.no_uvloop)

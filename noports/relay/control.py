@@ -27,13 +27,13 @@ import contextlib
 import logging
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from noports.at.crypto import public_key_from_b64
 from noports.at.names import normalize_atsign
+from noports.at.pubkeys import PublicKeys
 from noports.errors import AtServerError, InvalidAtSignError, NoPortsError
 from noports.relay.messages import (
     RelayMessageError,
@@ -249,9 +249,8 @@ class RelayControl:
         self._tasks: set[asyncio.Task] = set()
         self._monitor: Monitor | None = None
         self._reader: asyncio.Task | None = None
-        # parsed public keys by their base64 text: the text is looked up on every request (so a
-        # rotated key is seen at once), but parsing the DER again each time would be waste
-        self._parsed: OrderedDict[str, RSAPublicKey] = OrderedDict()
+        # looked up on every request (so a rotated key is seen at once), parsed once per text
+        self._key_cache = PublicKeys(1024)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -406,17 +405,7 @@ class RelayControl:
     async def _public_key(self, atsign: str | None) -> RSAPublicKey | None:
         if atsign is None:
             return None
-        text = await asyncio.wait_for(self.client.plookup(f"publickey{atsign}"),
-                                      self.lookup_timeout)
-        if not text:
-            raise AtServerError("AT0015", f"{atsign} has no public encryption key")
-        key = self._parsed.get(text)
-        if key is None:
-            key = public_key_from_b64(text)
-            self._parsed[text] = key
-            if len(self._parsed) > 1024:
-                self._parsed.popitem(last=False)
-        return key
+        return await self._key_cache.lookup(self.client, atsign, self.lookup_timeout)
 
     # ---- metrics ----------------------------------------------------------------------------
 

@@ -115,10 +115,7 @@ class RelayRequest:
         return self.authenticate_a and self.authenticate_b
 
 
-def _required(obj: dict, name: str, kind: type) -> Any:
-    if name not in obj:
-        raise RelayMessageError(f"request_ports: missing field {name!r}")
-    value = obj[name]
+def _typed(name: str, value: Any, kind: type) -> Any:
     # bool is a subclass of int, and a str is never accepted where a bool is wanted
     if kind is bool and not isinstance(value, bool):
         raise RelayMessageError(f"request_ports: {name} must be true or false, got {_show(value)}")
@@ -128,16 +125,15 @@ def _required(obj: dict, name: str, kind: type) -> Any:
     return value
 
 
+def _required(obj: dict, name: str, kind: type) -> Any:
+    if name not in obj:
+        raise RelayMessageError(f"request_ports: missing field {name!r}")
+    return _typed(name, obj[name], kind)
+
+
 def _optional(obj: dict, name: str, kind: type, default: Any) -> Any:
     value = obj.get(name)
-    if value is None:
-        return default
-    if kind is bool and not isinstance(value, bool):
-        raise RelayMessageError(f"request_ports: {name} must be true or false, got {_show(value)}")
-    if not isinstance(value, kind):
-        raise RelayMessageError(f"request_ports: {name} must be a {kind.__name__}, "
-                                f"got {_show(value)}")
-    return value
+    return default if value is None else _typed(name, value, kind)
 
 
 def _atsign(obj: dict, name: str) -> str:

@@ -36,19 +36,19 @@ import signal
 import socket
 import struct
 import sys
-from collections import OrderedDict
 
 import msgspec
 
 from noports._speedups import describe
-from noports.at.crypto import public_key_from_b64
+from noports.at.pubkeys import PublicKeys
 from noports.logsetup import add_flags as add_log_flags
 from noports.logsetup import setup_logging
 from noports.relay.dataplane import DataPlaneConfig, RelaySession, UnauthGate
 from noports.relay.messages import RelayRequest
 from noports.relay.stats import RelayStats
+from noports.runner import run
 
-__all__ = ["MAX_MESSAGE", "STATS_INTERVAL", "frame", "main", "read_message",
+__all__ = ["MAX_MESSAGE", "STATS_INTERVAL", "frame", "main", "next_message", "read_message",
            "request_from_dict", "request_to_dict", "snapshot"]
 
 log = logging.getLogger("noports.relay")
@@ -87,6 +87,16 @@ async def read_message(reader: asyncio.StreamReader) -> dict | None:
     if not isinstance(message, dict) or "t" not in message:
         raise ValueError("IPC message without a type")
     return message
+
+
+async def next_message(reader: asyncio.StreamReader, bad: str) -> dict | None:
+    """:func:`read_message`, but a bad frame is logged (``bad``: what to call it) and ends the
+    channel like EOF: after one, the stream cannot be trusted to be in step any more."""
+    try:
+        return await read_message(reader)
+    except ValueError as exc:
+        log.error("%s: %s", bad, exc)
+        return None
 
 
 def request_to_dict(request: RelayRequest) -> dict:
@@ -131,7 +141,7 @@ class Worker:
         # each process has its own RLIMIT_NOFILE, so each worker gets the whole cap
         self.gate = UnauthGate(max_unauth, self.stats)
         self.sessions: dict[str, RelaySession] = {}
-        self._keys: OrderedDict[str, object] = OrderedDict()
+        self._keys = PublicKeys(1024)
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task] = set()
         self._last_sent: dict | None = None
@@ -156,14 +166,7 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     def _key(self, text: str | None):
-        if not text:
-            return None
-        key = self._keys.get(text)
-        if key is None:
-            key = self._keys[text] = public_key_from_b64(text)
-            if len(self._keys) > 1024:
-                self._keys.popitem(last=False)
-        return key
+        return self._keys.parse(text) if text else None
 
     # -- session events --
     def _paired(self, session: RelaySession) -> None:
@@ -244,12 +247,9 @@ class Worker:
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         drain: asyncio.Task | None = None
+        bad = f"worker {self.index}: bad message from the main process"
         while True:
-            try:
-                msg = await read_message(reader)
-            except ValueError as exc:
-                log.error("worker %d: bad message from the main process: %s", self.index, exc)
-                msg = None
+            msg = await next_message(reader, bad)
             if msg is None:
                 # the main process is gone: nobody can drain us or read our reports
                 self.abort()
@@ -313,22 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     max_unauth = int(fields.pop("max_unauth", 8192))
     config = DataPlaneConfig(**fields)
     sock = socket.socket(fileno=args.fd)
-    if args.no_uvloop:
-        loop = asyncio.new_event_loop()
-    else:
-        try:
-            import uvloop
-            loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - platforms without uvloop
-            loop = asyncio.new_event_loop()
     worker = Worker(args.index, config, max_unauth)
     log.addFilter(worker)
-    try:
-        return loop.run_until_complete(worker.run(sock))
-    finally:
-        with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    return run(worker.run(sock), no_uvloop=args.no_uvloop)
 
 
 if __name__ == "__main__":

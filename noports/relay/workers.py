@@ -45,10 +45,10 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from noports.at.crypto import public_key_to_b64
 from noports.relay.dataplane import DataPlaneConfig
-from noports.relay.messages import RelayRequest, new_relay_nonce
-from noports.relay.session import RelayRefused
+from noports.relay.messages import RelayRequest
+from noports.relay.session import RelayRefused, SessionRegistry
 from noports.relay.stats import RelayStats
-from noports.relay.worker import frame, read_message, request_to_dict
+from noports.relay.worker import frame, next_message, request_to_dict
 
 __all__ = ["RemoteSession", "WorkerPool", "cpu_workers"]
 
@@ -125,7 +125,7 @@ class _Worker:
         self.reader: asyncio.Task | None = None
 
 
-class WorkerPool:
+class WorkerPool(SessionRegistry[RemoteSession]):
     """N worker processes behind the :class:`RelaySessions` surface; see the module docstring."""
 
     def __init__(self, count: int, config: DataPlaneConfig | None = None, *,
@@ -135,17 +135,16 @@ class WorkerPool:
                  open_timeout: float = 10.0) -> None:
         if count < 1:
             raise ValueError("a pool needs at least one worker")
+        # stats: the main process's own refusals
+        super().__init__(allow_unauthenticated=allow_unauthenticated,
+                         pending_quota=pending_quota, stats=stats)
         self.count = count
         self.config = config or DataPlaneConfig()
-        self.allow_unauthenticated = allow_unauthenticated
-        self.pending_quota = pending_quota
         self.max_unauth_total = max_unauth_total
-        self.stats = stats or RelayStats()        # the main process's own refusals
         self.no_uvloop = no_uvloop
         self.verbose = verbose
         self.quiet = quiet
         self.open_timeout = open_timeout
-        self.draining = False
         self.sessions_lost = 0
         self.restarts_total = 0
         self._closing = False
@@ -154,73 +153,22 @@ class WorkerPool:
         self._refusals_retired: list[Counter] = [Counter() for _ in range(count)]
         self._backoff = [0.1] * count
         self._restarting: set[asyncio.Task] = set()
-        self._sessions: dict[str, RemoteSession] = {}
-        self._pending: Counter[str] = Counter()
-        self._requester: dict[str, str] = {}
         self._rr = 0
         self._any_ready = asyncio.Event()
 
-    # -- the RelaySessions surface ------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
-    def get(self, session_id: str) -> RemoteSession | None:
-        return self._sessions.get(session_id)
-
-    def sessions(self) -> list[RemoteSession]:
-        return list(self._sessions.values())
-
-    def pending_for(self, atsign: str) -> int:
-        return self._pending[atsign]
-
+    # -- the RelaySessions surface (the rest is SessionRegistry's) ----------------------------
     def workers(self) -> list[dict]:
         """Per worker: index, pid, alive, live sessions (for logs and tests)."""
         return [{"index": i, "pid": w.pid if w else None, "alive": bool(w and w.alive),
                  "sessions": len(w.sessions) if w else 0} for i, w in enumerate(self._workers)]
-
-    def _refuse(self, reason: str, message: str) -> RelayRefused:
-        self.stats.refuse(reason)
-        log.debug("request refused (%s): %s", reason, message)
-        return RelayRefused(reason, message)
-
-    def check(self, request: RelayRequest, requester: str | None = None) -> None:
-        """As RelaySessions.check: raise RelayRefused if ``request`` would be refused now."""
-        requester = requester or request.atsign_a
-        sid = request.session_id
-        if self.draining:
-            raise self._refuse("draining", f"session {sid}: relay is shutting down")
-        if sid in self._sessions:
-            raise self._refuse("duplicate_session", f"session {sid} is already live")
-        if not request.fully_authenticated and not self.allow_unauthenticated:
-            kind = "legacy" if request.legacy else "unauthenticated"
-            raise self._refuse("unauthenticated",
-                               f"session {sid}: {kind} request from {requester} "
-                               "(start srvd with --allow-unauthenticated to serve it)")
-        if request.relay_auth_mode != "payload" or request.only443:
-            raise self._refuse("unsupported_auth_mode",
-                               f"session {sid}: relay auth mode {request.relay_auth_mode!r}"
-                               f"{' on 443' if request.only443 else ''} is not served here")
-        if self._pending[requester] >= self.pending_quota:
-            raise self._refuse("quota", f"session {sid}: {requester} already has "
-                                        f"{self.pending_quota} pending sessions")
 
     async def open(self, request: RelayRequest, *, public_key_a: RSAPublicKey | None = None,
                    public_key_b: RSAPublicKey | None = None, requester: str | None = None,
                    rvd_nonce: str | None = None) -> RemoteSession:
         """As RelaySessions.open, the session running in the least loaded worker."""
         requester = requester or request.atsign_a
-        self.check(request, requester)
+        rvd_nonce = self._admit(request, requester, public_key_a, public_key_b, rvd_nonce)
         sid = request.session_id
-        for side, must, key in (("A", request.authenticate_a, public_key_a),
-                                ("B", request.authenticate_b, public_key_b)):
-            if must and key is None:
-                raise self._refuse("no_public_key", f"session {sid}: no public key for side "
-                                                    f"{side}")
-        if not request.legacy and rvd_nonce is None:
-            rvd_nonce = new_relay_nonce()
         worker = self._choose()
         if worker is None:
             self._any_ready.clear()
@@ -230,11 +178,8 @@ class WorkerPool:
             if worker is None or sid in self._sessions or self.draining:
                 raise self._refuse("no_worker", f"session {sid}: no worker is running")
         session = RemoteSession(self, worker, request, rvd_nonce)
-        # registered before the first await, so a concurrent duplicate is refused
-        self._sessions[sid] = session
+        self._register(sid, session, requester)
         worker.sessions[sid] = session
-        self._pending[requester] += 1
-        self._requester[sid] = requester
         self._send(worker, {
             "t": "open", "sid": sid, "request": request_to_dict(request), "nonce": rvd_nonce,
             "pub_a": public_key_to_b64(public_key_a) if request.authenticate_a else None,
@@ -358,15 +303,9 @@ class WorkerPool:
         return None   # pragma: no cover - unreachable: some ready worker has the minimum
 
     async def _read(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
+        bad = f"worker {worker.index}: bad IPC message"
         try:
-            while True:
-                try:
-                    msg = await read_message(reader)
-                except ValueError as exc:
-                    log.error("worker %d: bad IPC message: %s", worker.index, exc)
-                    msg = None
-                if msg is None:
-                    break
+            while (msg := await next_message(reader, bad)) is not None:
                 self._handle(worker, msg)
         finally:
             await self._gone(worker)
@@ -397,17 +336,8 @@ class WorkerPool:
             self._forget(session)
             session._mark_closed(msg.get("reason", "closed"))
 
-    def _release_pending(self, session_id: str) -> None:
-        requester = self._requester.pop(session_id, None)
-        if requester is not None:
-            self._pending[requester] -= 1
-            if self._pending[requester] <= 0:
-                del self._pending[requester]
-
     def _forget(self, session: RemoteSession) -> None:
-        self._release_pending(session.session_id)
-        if self._sessions.get(session.session_id) is session:
-            del self._sessions[session.session_id]
+        super()._forget(session)
         if session._worker.sessions.get(session.session_id) is session:
             del session._worker.sessions[session.session_id]
 
